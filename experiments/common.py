@@ -1,0 +1,124 @@
+"""What every experiment script shares: train an arm from a recipe (skipping finished runs),
+evaluate it, copy the aggregates into the committed results folder, and summarise arms x suites.
+
+Experiment scripts put `experiments/` on sys.path and `from common import ...`. Raw outputs
+(adapters, per-item generations) go under runs/ and are not committed: per-item files hold
+public benchmark prompts. Only metrics.json, report.md and manifests are copied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+EXPERIMENTS = Path(__file__).resolve().parent
+ROOT = EXPERIMENTS.parent
+SUITES_DIR = EXPERIMENTS / "suites"
+# Public benchmarks used only for evaluation (read from ../shared/data; never trained on).
+ADVBENCH = str(SUITES_DIR / "advbench.yaml")
+XSTEST_SAFE = str(SUITES_DIR / "xstest-safe.yaml")
+
+
+def is_complete(run_dir: Path) -> bool:
+    manifest = run_dir / "manifest.json"
+    return manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete"
+
+
+def train(recipe: str, out: Path, overrides: Sequence[str] = ()) -> Path:
+    """Train `recipe` into `out` unless a finished run is already there (experiments resume)."""
+    from tactful.methods.registry import train_recipe
+
+    if not is_complete(out):
+        recipe_path = recipe if Path(recipe).is_file() else str(ROOT / "recipes" / recipe)
+        train_recipe(recipe_path, [f"output_dir={out}", *overrides])
+    return out
+
+
+def evaluate(run_dir: Path | None, suites: Sequence[str], out: Path, *, seed: int,
+             limit: int | None = None, model: str = "embedded", **eval_kw: Any) -> Path:
+    """Evaluate a run (or the bare model when run_dir is None). The runner resumes per item."""
+    from tactful.eval.runner import EvalConfig, evaluate as run_eval
+
+    cfg = EvalConfig(model=model, run=str(run_dir) if run_dir else None, suites=list(suites), out=str(out),
+                     seed=seed, limit=limit, **eval_kw)
+    run_eval(cfg)
+    return out
+
+
+def check_public_suites(suites: Sequence[str]) -> None:
+    """Fail early, with one line, when a public evaluation file is missing."""
+    from tactful.eval.suites import load_suite
+
+    for s in suites:
+        if not s.endswith((".yaml", ".yml")):
+            continue
+        suite = load_suite(s)
+        if suite.path and not Path(suite.path).exists():
+            sys.exit(f"error: {suite.path} not found: the public evaluation files live in ../shared/data")
+
+
+def copy_aggregates(eval_dir: Path, dest: Path, run_dir: Path | None = None,
+                    run_files: Sequence[str] = ("manifest.json",)) -> None:
+    """Copy what may be committed: aggregate metrics, the report, manifests, method diagnostics."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.json", "report.md", "manifest.json"):
+        if (eval_dir / name).exists():
+            shutil.copy(eval_dir / name, dest / name)
+    if run_dir is not None:
+        for name in run_files:
+            if (run_dir / name).exists():
+                shutil.copy(run_dir / name, dest / f"train_{Path(name).name}")
+
+
+def _cell(vals: list[dict[str, Any]]) -> str:
+    from tactful.eval.report import PCT_METRICS, fmt_metric
+
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{fmt_metric(vals[0])} n={vals[0]['n']}"
+    v = np.array([x["value"] for x in vals], dtype=float)
+    scale = 100.0 if vals[0].get("metric") in PCT_METRICS else 1.0
+    unit = "%" if scale == 100.0 else ""
+    return f"{scale * v.mean():.1f}{unit} ± {scale * v.std(ddof=1):.1f} (sd over {len(v)} seeds) n={vals[0]['n']}"
+
+
+def summary_table(results: Path, arms: Sequence[str], suites: Sequence[str], seeds: Sequence[int]) -> str:
+    """Markdown table arms x suites: one seed gives value [95% bootstrap CI]; several give mean ± sd."""
+    lines = ["| arm | seeds | " + " | ".join(suites) + " |", "|---|---|" + "---|" * len(suites)]
+    for arm in arms:
+        runs = [json.loads((results / f"{arm}-seed{s}" / "metrics.json").read_text())
+                for s in seeds if (results / f"{arm}-seed{s}" / "metrics.json").exists()]
+        if not runs:
+            continue
+        cells = [_cell([r["suites"][suite] for r in runs if suite in r.get("suites", {})]) for suite in suites]
+        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summarise(results: Path, arms: Sequence[str], suites: Sequence[str], seeds: Sequence[int],
+              *, header: str = "") -> str:
+    """Write results/summary.md (the table) and the comparison plots for the first seed."""
+    from tactful.eval.report import compare
+    from tactful.io import atomic_write_text
+
+    table = summary_table(results, arms, suites, seeds)
+    present = [a for a in arms if (results / f"{a}-seed{seeds[0]}" / "metrics.json").exists()]
+    if present:
+        compare([str(results / f"{a}-seed{seeds[0]}") for a in present], labels=present, out=str(results))
+    atomic_write_text(results / "summary.md", (header + "\n\n" if header else "") + table + "\n")
+    print(table)
+    return table
+
+
+def safety_sft_start(seed: int = 0, steps: int = 62) -> Path:
+    """The aligned starting model several experiments share: recipes/sft.yaml on the embedded model,
+    `steps` steps, in runs/exp-dcr/sft-seed<seed> -- the DCR experiment's `sft` arm, trained here
+    with the identical config if that experiment has not run yet."""
+    out = ROOT / "runs" / "exp-dcr" / f"sft-seed{seed}"
+    return train("sft.yaml", out, [f"seed={seed}", f"training.max_steps={steps}"])

@@ -1,0 +1,38 @@
+"""The shared experiment helpers: the summary table reads committed aggregates correctly."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import common  # noqa: E402
+
+
+def _metrics(path: Path, value: float, n: int = 100) -> None:
+    path.mkdir(parents=True)
+    est = {"metric": "safe_rate", "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": n}
+    (path / "metrics.json").write_text(json.dumps({"suites": {"safety": est}}))
+
+
+def test_one_seed_shows_ci_and_several_show_sd(tmp_path: Path) -> None:
+    _metrics(tmp_path / "a-seed0", 0.5)
+    _metrics(tmp_path / "b-seed0", 0.6)
+    _metrics(tmp_path / "b-seed1", 0.8)
+    one = common.summary_table(tmp_path, ["a", "b", "missing"], ["safety", "other"], [0])
+    assert "| a | 1 | 50.0% [45.0, 55.0] n=100 | — |" in one
+    assert "missing" not in one
+    two = common.summary_table(tmp_path, ["b"], ["safety"], [0, 1])
+    # mean 70.0, sample sd of (60, 80) = 14.1
+    assert "70.0% ± 14.1 (sd over 2 seeds) n=100" in two
+
+
+def test_public_suite_files_point_at_shared_data() -> None:
+    from tactful.eval.suites import load_suite
+
+    for suite in (common.ADVBENCH, common.XSTEST_SAFE):
+        path = Path(load_suite(suite).path).resolve()
+        assert path.parent == (ROOT.parent / "shared" / "data").resolve()
