@@ -423,6 +423,28 @@ def test_unsafe_corpus_from_pku_saferlhf_pairs(tmp_path):
         build_unsafe_corpus(tmp_path / "c2", domains=["drugs"], settings=settings, log=_quiet)
 
 
+def test_a_corpus_directory_is_reused_and_refusals_are_not_unsafe_data(tmp_path):
+    from tactful.methods.safemoe import CorpusSettings, build_unsafe_corpus, read_unsafe_corpus, write_unsafe_corpus
+
+    def ex(d, i):
+        return Example(prompt=f"Request {i} about {d}.", response=f"Harmful answer {i}.", label="unsafe", category=d)
+
+    write_unsafe_corpus(tmp_path / "parent", {"violence": [ex("violence", 0), ex("violence", 1)],
+                                              "drugs": [ex("drugs", 0)]}, {"source": "generate", "judge": "stub"})
+    settings = CorpusSettings(source=str(tmp_path / "parent"), min_per_domain=2)
+    corpus = build_unsafe_corpus(tmp_path / "child", domains=["violence"], settings=settings, log=_quiet)
+    assert [e.response for e in corpus.examples["violence"]] == ["Harmful answer 0.", "Harmful answer 1."]
+    prov = read_unsafe_corpus(tmp_path / "child").provenance
+    assert prov["domains"] == ["violence"] and prov["judge"] == "stub"
+    assert prov["prompts"]["from_corpus"]["source"] == "generate"
+    with pytest.raises(UserError, match="has no domain cybercrime"):
+        build_unsafe_corpus(tmp_path / "c2", domains=["cybercrime"], settings=settings, log=_quiet)
+    # The built-in refusals carry the *prompt's* label (harmful): they are not unsafe responses.
+    with pytest.raises(UserError, match="too few unsafe examples"):
+        build_unsafe_corpus(tmp_path / "c3", domains=["violence"], settings=CorpusSettings(source="builtin-refusals"),
+                            log=_quiet)
+
+
 class _StubJudge:
     """Calls every other reply compliant."""
 

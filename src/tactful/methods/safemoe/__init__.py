@@ -27,6 +27,7 @@ from tactful.methods.safemoe.corpus import (
     build_unsafe_corpus,
     read_unsafe_corpus,
     unsafe_corpus_command,
+    write_unsafe_corpus,
 )
 from tactful.methods.safemoe.experts import ExpertSettings, read_expert, train_expert, train_experts
 from tactful.methods.safemoe.router import (
@@ -53,4 +54,5 @@ __all__ = [
     "attach_safemoe", "build_unsafe_corpus", "get_safemoe", "inspect", "inspect_command", "inspect_routing",
     "load_router_examples", "load_safemoe", "plot_routing", "read_expert", "read_unsafe_corpus", "run",
     "save_bundle", "train_expert", "train_experts", "train_router", "train_safemoe", "unsafe_corpus_command",
+    "write_unsafe_corpus",
 ]

@@ -8,6 +8,9 @@ Two sources:
 - a registry name or a file with unsafe responses and harm categories, e.g. `beavertails`
   (examples labelled unsafe) or `pku-saferlhf` (pairs with per-response safety labels):
   categories are mapped to tactful's harm domains (`category_map` adds or overrides).
+- a corpus directory written before (by `tactful data unsafe-corpus`, a run's `corpus/`, or
+  `write_unsafe_corpus`): its examples of the requested domains are reused as they are, so
+  one corpus built once can feed several runs (seeds, router ablations).
 
 A corpus directory holds `<domain>.jsonl` (Example records) and `corpus.json` with the
 provenance (model, judge, seed, prompt ids kept and dropped, settings, file hashes).
@@ -42,14 +45,17 @@ CATEGORY_ALIASES: dict[str, str] = {
     "discrimination_stereotype_injustice": "discriminatory_behavior",
 }
 # Labels that mark a (prompt, response) example as unsafe in the record formats we read.
-UNSAFE_LABELS = {"unsafe", "harmful", FULL_COMPLIANCE}
+# Not "harmful": in tactful's record format that labels the *prompt* (the built-in refusals and
+# informative answers carry it), so accepting it would turn refusals into an "unsafe" corpus.
+UNSAFE_LABELS = {"unsafe", FULL_COMPLIANCE}
 
 
 @dataclass
 class CorpusSettings:
     source: str = field(default=GENERATE, metadata={
         "help": "generate (the base model's judged-compliant answers to built-in harmful train prompts), or a "
-                "registry name / file with unsafe responses and categories (beavertails, pku-saferlhf, ...)."})
+                "registry name / file with unsafe responses and categories (beavertails, pku-saferlhf, ...), or "
+                "a corpus directory built before (reused as it is)."})
     path: str | None = field(default=None, metadata={
         "help": "A local copy of the `source` benchmark in its own columns (e.g. a PKU-SafeRLHF file)."})
     split: str | None = field(default="train", metadata={"help": "Split of the prompts / data source."})
@@ -100,7 +106,7 @@ def unsafe_examples_from_records(records: Sequence[Any], domains: Sequence[str],
                                  category_map: dict[str, str] | None = None) -> dict[str, list[Example]]:
     """Split records with unsafe responses into per-domain examples.
 
-    Examples / labelled responses count when their label says unsafe (unsafe, harmful,
+    Examples / labelled responses count when their label says unsafe (unsafe,
     full_compliance) or is missing; pairs contribute each response marked unsafe
     (`chosen_safe` / `rejected_safe` False). A response with several categories joins every
     matching domain. Duplicate (prompt, response) pairs are kept once per domain.
@@ -234,6 +240,8 @@ def build_unsafe_corpus(
         examples, ids = generate_unsafe_examples(model, tokenizer, domains, settings, judge=judge, seed=seed,
                                                  model_name=model_spec, system=system, log=log)
         judge_name = getattr(judge, "name", None) or settings.judge
+    elif is_corpus_dir(settings.source):
+        examples, ids, judge_name = _from_corpus_dir(settings.source, domains)
     else:
         from tactful.data.registry import load_benchmark, load_records
 
@@ -252,30 +260,62 @@ def build_unsafe_corpus(
                 if settings.source == GENERATE else "map more of the source's categories with corpus.category_map")
         raise UserError(f"too few unsafe examples (min_per_domain={settings.min_per_domain}) for {counts}; {hint}")
 
+    corpus = write_unsafe_corpus(out_dir, examples, {
+        "source": settings.source,
+        "model": model_spec if settings.source == GENERATE else None,
+        "judge": judge_name,
+        "seed": seed,
+        "system": system,
+        "settings": asdict(settings),
+        "prompts": ids,
+        "versions": package_versions(),
+    })
+    log("unsafe corpus: " + ", ".join(f"{d} {len(v)}" for d, v in examples.items()) + f" -> {out_dir}")
+    return corpus
+
+
+def write_unsafe_corpus(out_dir: str | Path, examples: dict[str, list[Example]],
+                        provenance: dict[str, Any] | None = None) -> UnsafeCorpus:
+    """Write a corpus directory: `<domain>.jsonl` per domain, then corpus.json (the given
+    provenance plus format, domains, counts and file hashes) last, so it marks a finished corpus."""
+    for d in examples:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", d):
+            raise UserError(f"domain name {d!r} must be letters, digits, '_', '-' or '.' (it names a file)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for d, rows in examples.items():
         path = atomic_write_jsonl(out / f"{d}.jsonl", [e.to_dict() for e in rows])
         files[d] = {"file": path.name, "sha256": sha256_file(path), "n": len(rows)}
-    provenance = {
+    full = {
         "format": CORPUS_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": settings.source,
-        "model": model_spec if settings.source == GENERATE else None,
-        "judge": judge_name,
-        "seed": seed,
-        "system": system,
-        "domains": domains,
-        "settings": asdict(settings),
+        **(provenance or {}),
+        "domains": list(examples),
         "counts": {d: len(v) for d, v in examples.items()},
-        "prompts": ids,
         "files": files,
-        "versions": package_versions(),
     }
-    atomic_write_json(out / PROVENANCE_FILE, provenance)
-    log("unsafe corpus: " + ", ".join(f"{d} {len(v)}" for d, v in examples.items()) + f" -> {out}")
-    return UnsafeCorpus(examples, provenance)
+    atomic_write_json(out / PROVENANCE_FILE, full)
+    return UnsafeCorpus(dict(examples), full)
+
+
+def is_corpus_dir(source: str | Path | None) -> bool:
+    """Whether `source` is a finished corpus directory (from `tactful data unsafe-corpus`, a run's
+    corpus/ or `write_unsafe_corpus`)."""
+    return bool(source) and (Path(str(source)).expanduser() / PROVENANCE_FILE).is_file()
+
+
+def _from_corpus_dir(source: str, domains: Sequence[str]) -> tuple[dict[str, list[Example]], dict[str, Any], str | None]:
+    """The requested domains of an existing corpus (so one corpus, built once, feeds many runs)."""
+    parent = read_unsafe_corpus(Path(source).expanduser())
+    missing = [d for d in domains if d not in parent.examples]
+    if missing:
+        raise UserError(f"corpus {source} has no domain {', '.join(missing)} "
+                        f"(it has {', '.join(parent.examples) or 'none'})")
+    prompts = parent.provenance.get("prompts") or {}
+    ids = {"from_corpus": {k: parent.provenance.get(k) for k in ("source", "model", "judge", "seed", "created")},
+           **{d: prompts[d] for d in domains if d in prompts}}
+    return {d: list(parent.examples[d]) for d in domains}, ids, parent.provenance.get("judge")
 
 
 def read_unsafe_corpus(corpus_dir: str | Path) -> UnsafeCorpus:
