@@ -1,6 +1,7 @@
 """Pieces every training method shares: LoRA and optimisation settings, model preparation,
-tokenised datasets with response-only labels, Trainer arguments, checkpoint resume and
-saving the final adapter atomically into the run directory.
+tokenised datasets with response-only labels, Trainer arguments, checkpoint resume,
+saving the final adapter atomically into the run directory, and starting from an earlier
+run (`start_from`: `load_start_model`, `save_start`, `load_started_run`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -177,3 +178,137 @@ def save_model_atomic(model: Any, tokenizer: Any, target: str | Path) -> Path:
 
 def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config")
+
+
+# ---------------------------------------------------------------- starting from an earlier run
+
+# Method kinds whose runs use `load_started_run` (they register it in tactful.runs.RUN_LOADERS):
+# a run of theirs is base model + the start's adapters (merged) + its own adapter.
+STARTABLE_KINDS = ("dpo", "shapo", "trace")
+
+
+@dataclass
+class StartModel:
+    """The model a method fine-tunes: `model`, or an earlier run's model with its adapter(s) merged."""
+
+    model: Any
+    tokenizer: Any
+    base_model: str  # the root model spec the adapters ultimately sit on
+    start_from: str | None = None
+    start_kind: str | None = None
+    # The start as an ordered chain of adapter directories to merge into base_model, when it is
+    # one (base + adapters); None for other starts (bundles, other methods' loaders).
+    adapter_chain: list[Path] | None = None
+
+    @property
+    def name(self) -> str:
+        """A name for the starting weights (keys generation caches: the start answers differently)."""
+        return self.base_model if not self.start_from else f"{self.base_model}+run:{self.start_from}"
+
+
+def _adapter_chain(run_dir: Path, manifest: dict[str, Any]) -> list[Path] | None:
+    """A run's model as base_model + adapters merged in order, or None if it is not that simple."""
+    from tactful.runs import RUN_LOADERS
+
+    if manifest.get("model_dir") or not manifest.get("adapter"):
+        return None
+    own = run_dir / manifest["adapter"]
+    if "start_adapters" in manifest:  # written by `start_manifest`
+        if manifest.get("start_from") and manifest["start_adapters"] is None:
+            return None
+        return [run_dir / p for p in manifest["start_adapters"] or []] + [own]
+    kind = manifest.get("kind", "")
+    if manifest.get("start_from") or manifest.get("start_adapter"):
+        return None
+    if kind in RUN_LOADERS and kind not in STARTABLE_KINDS:
+        return None  # a custom loader: only it knows how the run's model is assembled
+    return [own]
+
+
+def load_start_model(model: str, start_from: str | os.PathLike | None, *, device: Any = None,
+                     log: Callable[[str], None] = print, **load_kw: Any) -> StartModel:
+    """`model`, or the model of run `start_from` with every adapter merged into the weights, so a
+    new adapter trains on top of it and disabling that adapter gives the start back (the
+    reference of a preference method)."""
+    from tactful.models import load_model
+    from tactful.runs import load_run_model
+
+    if not start_from:
+        m, tok = load_model(model, **load_kw)
+        if device is not None:
+            m.to(device)
+        return StartModel(m, tok, base_model=model)
+    start = describe_start(model, start_from, log=log)
+    m, tok, desc = load_run_model(start_from, **load_kw)
+    if is_peft(m):
+        m = m.merge_and_unload()
+    if device is not None:
+        m.to(device)
+    m.eval()
+    log(f"starting from {desc} (adapters merged)")
+    start.model, start.tokenizer = m, tok
+    return start
+
+
+def describe_start(model: str, start_from: str | os.PathLike, *, log: Callable[[str], None] = print) -> StartModel:
+    """What `load_start_model` would start from, without loading any weights."""
+    import importlib
+
+    from tactful.methods.registry import METHODS
+    from tactful.runs import RUN_LOADERS, read_manifest
+
+    run_dir = Path(start_from)
+    manifest = read_manifest(run_dir)
+    kind = manifest.get("kind", "")
+    if kind in METHODS and kind not in RUN_LOADERS:
+        importlib.import_module(METHODS[kind])  # a method module registers its run loader on import
+    base = manifest.get("base_model")
+    if not base:
+        raise UserError(f"{run_dir}/manifest.json names no base_model")
+    if manifest.get("status", "complete") != "complete":
+        raise UserError(f"start_from: {run_dir} is not a finished run (status {manifest.get('status')!r})")
+    if model not in ("embedded", base):
+        log(f"note: model={model!r} is ignored; the base model comes from {run_dir} ({base})")
+    return StartModel(None, None, base_model=base, start_from=str(run_dir), start_kind=kind,
+                      adapter_chain=_adapter_chain(run_dir, manifest))
+
+
+def save_start(start: StartModel, run_dir: Path) -> dict[str, Any]:
+    """Copy the start's adapters into the run (so loading it needs only the base model) and
+    return the manifest fields that `load_started_run` reads."""
+    if not start.start_from:
+        return {"start_from": None, "start_kind": None, "start_adapters": []}
+    names = None
+    if start.adapter_chain is not None:
+        names = []
+        for i, src in enumerate(start.adapter_chain):
+            name = f"start_adapters/{i}"
+            dst = run_dir / name
+            if Path(src).resolve() != dst.resolve():
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+            names.append(name)
+    return {"start_from": start.start_from, "start_kind": start.start_kind, "start_adapters": names}
+
+
+def load_started_run(run_dir: Path, manifest: dict[str, Any], **kw: Any) -> tuple[Any, Any]:
+    """Run loader for methods that can start from an earlier run: base model, the start's
+    adapters merged in order (or the start run loaded and merged), then this run's adapter."""
+    from tactful.models import attach_adapter, load_model
+    from tactful.runs import load_run_model
+
+    if manifest.get("model_dir"):  # full fine-tuning saved the whole model, start included
+        return load_model(str(run_dir / manifest["model_dir"]), **kw)
+    chain = manifest.get("start_adapters")
+    if manifest.get("start_from") and chain is None:
+        model, tok, _ = load_run_model(manifest["start_from"], **kw)
+        if is_peft(model):
+            model = model.merge_and_unload()
+    else:
+        model, tok = load_model(manifest["base_model"], **kw)
+        for name in chain or []:
+            model = attach_adapter(model, run_dir / name).merge_and_unload()
+    if manifest.get("adapter"):
+        model = attach_adapter(model, run_dir / manifest["adapter"])
+    model.eval()
+    return model, tok

@@ -76,14 +76,14 @@ import torch.nn.functional as F
 from tactful.data.records import PreferencePair
 from tactful.errors import UserError
 from tactful.logprobs import IGNORE_INDEX, collate, encode_example
-from tactful.methods.common import is_peft
+from tactful.methods.common import is_peft, load_started_run
 from tactful.methods.preference import (
     DPOConfig,
     PreferenceSetup,
     PreferenceTrainer,
     train_preference,
 )
-from tactful.runs import RunDir
+from tactful.runs import RUN_LOADERS, RunDir
 
 SIGNS = ("negative", "positive", "abs")
 PERTURBATIONS = ("official", "sam")
@@ -556,6 +556,7 @@ def train_shapo(config: ShaPOConfig, **kw: Any) -> tuple[Any, RunDir]:
 
 
 CONFIG_CLASS = ShaPOConfig
+RUN_LOADERS["shapo"] = load_started_run  # runs with start_from: base + start adapters + own adapter
 
 
 def run(config: ShaPOConfig, *, log: Callable[[str], None] = print) -> RunDir:

@@ -37,7 +37,17 @@ from tactful.data.records import PreferencePair
 from tactful.errors import UserError
 from tactful.io import atomic_write_jsonl, read_jsonl_tolerant
 from tactful.logprobs import IGNORE_INDEX
-from tactful.methods.common import LoraSettings, TrainingSettings, is_peft, set_seed, training_arguments
+from tactful.methods.common import (
+    LoraSettings,
+    StartModel,
+    TrainingSettings,
+    describe_start,
+    is_peft,
+    load_start_model,
+    load_started_run,
+    set_seed,
+    training_arguments,
+)
 from tactful.methods.preference import (
     DPOConfig,
     LossSettings,
@@ -72,7 +82,7 @@ from tactful.methods.trace.triage import (
     write_triage,
 )
 from tactful.policies import load_policy
-from tactful.runs import RunDir
+from tactful.runs import RUN_LOADERS, RunDir
 
 # ---------------------------------------------------------------- config
 
@@ -351,7 +361,7 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
         key = _fingerprint({"pairs": [p.to_dict() for p in training.pairs], "kind": training.kind,
                             "npo": [training.npo_chosen, training.npo_rejected], "gold": [p.to_dict() for p in gold],
                             "beta": config.loss.beta, "gamma": t.gamma, "model": config.model,
-                            "lora": asdict(config.lora), "max_length": config.training.max_length,
+                            "start_from": config.start_from, "lora": asdict(config.lora), "max_length": config.training.max_length,
                             "system": config.system})
         path = run.path / "impact_scores.json"
         saved = json.loads(path.read_text()) if path.is_file() else None
@@ -399,9 +409,11 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
 
 
 def run_triage(config: TraceConfig, run: RunDir, *, model: Any = None, tokenizer: Any = None,
+               model_name: str | None = None,
                log: Callable[[str], None] = print) -> tuple[list[TriagedPair], dict[str, Any]]:
     """Triage step of a TRACE run: the configured pairs judged under the new policy (or a
-    triage file read back), written to <run>/triage/."""
+    triage file read back), written to <run>/triage/. Built-in sources that generate are
+    answered by `model`, named `model_name` (default config.model) in the generation cache."""
     t = config.trace
     policy = load_policy(t.policy)
     if t.triage_file:
@@ -417,7 +429,7 @@ def run_triage(config: TraceConfig, run: RunDir, *, model: Any = None, tokenizer
     else:
         d = config.data
         pairs = load_trace_pairs(d.sources, split=d.split, n=d.n, seed=config.seed, model=model, tokenizer=tokenizer,
-                                 model_name=config.model, system=config.system, max_new_tokens=d.max_new_tokens,
+                                 model_name=model_name or config.model, system=config.system, max_new_tokens=d.max_new_tokens,
                                  cache=run.path / "generations.jsonl", refusal_filter=d.refusal_filter, log=log)
         judge = make_policy_judge(t.judge, policy, **t.judge_options)
         cache_path = run.path / "verdict_cache.jsonl"
@@ -440,27 +452,34 @@ def train_trace(config: TraceConfig, *, model: Any = None, tokenizer: Any = None
                 callbacks: list[Any] | None = None, log: Callable[[str], None] = print) -> tuple[Any, RunDir]:
     """Triage, impact scores and hybrid-loss training; returns (model, run dir).
 
-    Re-running with the same output_dir resumes: cached verdicts, saved impact scores and
-    the last Trainer checkpoint are reused."""
-    from tactful.models import load_model
-
+    The policy starts from `model` if given (with `config.start_from`, that run's model with
+    its adapters merged), else from `config.start_from` or `config.model`. Re-running with
+    the same output_dir resumes: cached verdicts, saved impact scores and the last Trainer
+    checkpoint are reused."""
     check_trace_config(config)
     set_seed(config.seed)
     run = run_dir or RunDir(config.output_dir)
     if model is None:
-        model, tokenizer = load_model(config.model)
+        start = load_start_model(config.model, config.start_from, log=log)
+        model, tokenizer = start.model, start.tokenizer
+    elif config.start_from:
+        start = describe_start(config.model, config.start_from, log=log)
+    else:
+        start = StartModel(None, None, base_model=config.model)
     # Built-in pairs are answered by the starting model: put it where it will train first.
     model.to(training_arguments(config.training, run.path / "checkpoints", seed=config.seed).device)
-    triaged, summary = run_triage(config, run, model=model, tokenizer=tokenizer, log=log)
+    triaged, summary = run_triage(config, run, model=model, tokenizer=tokenizer, model_name=start.name, log=log)
     training = build_training_set(triaged, config.trace)
     if not training.pairs:
         raise UserError("nothing to train on after triage (all pairs failed, or only RETAIN pairs with no_kl)")
     prepare = functools.partial(prepare_trace, training=training, triaged=triaged, summary=summary)
     return train_preference(config, kind="trace", model=model, tokenizer=tokenizer, pairs=training.pairs,
-                            run_dir=run, trainer_class=TraceTrainer, prepare=prepare, callbacks=callbacks, log=log)
+                            run_dir=run, trainer_class=TraceTrainer, prepare=prepare, callbacks=callbacks,
+                            start=start, log=log)
 
 
 CONFIG_CLASS = TraceConfig
+RUN_LOADERS["trace"] = load_started_run  # runs with start_from: base + start adapters + own adapter
 
 
 def run(config: TraceConfig, *, log: Callable[[str], None] = print) -> RunDir:
