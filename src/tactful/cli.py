@@ -97,6 +97,32 @@ def chat(
             typer.echo("model> " + gen.generate([text], cfg)[0])
 
 
+# ---------------------------------------------------------------- serve
+@app.command()
+def serve(
+    model: str = typer.Option("embedded", help="Model spec: embedded, a hub id or a local directory."),
+    adapter: Optional[str] = typer.Option(None, help="A PEFT adapter directory to put on top."),
+    run: Optional[str] = typer.Option(None, help="Serve the model of a tactful run (SafeMoE bundles included)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, help="Port (0 picks a free one)."),
+    model_name: Optional[str] = typer.Option(None, help="Name clients send as `model` (default: --model, or the run directory's name)."),
+    max_batch_size: int = typer.Option(16, help="Most requests generated together in one batch."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts get a 400 (default: 2048, or less to fit the model's context)."),
+    max_new_tokens: int = typer.Option(512, help="Cap on a reply's length (a request's max_tokens is clamped to it)."),
+    device: str = typer.Option("cpu", help="Device to run the model on (cpu, cuda, cuda:1, ...)."),
+    dtype: str = typer.Option("float32", help="Weights dtype: float32, bfloat16, float16 or auto."),
+    chat_template: Optional[str] = typer.Option(None, help="Chat template (Jinja text or a .jinja file) for tokenizers without one."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model repositories to run their own code."),
+) -> None:
+    """Serve a model over an OpenAI-compatible chat endpoint (/v1/chat/completions), batching concurrent requests."""
+    from tactful.serve import serve_command
+
+    serve_command(model=model, adapter=adapter, run=run, host=host, port=port, model_name=model_name,
+                  max_batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens,
+                  max_new_tokens=max_new_tokens, device=device, dtype=dtype, chat_template=chat_template,
+                  trust_remote_code=trust_remote_code, announce=lambda line: typer.echo(line, err=True))
+
+
 # ---------------------------------------------------------------- data
 @data_app.command("list")
 def data_list() -> None:

@@ -1,0 +1,227 @@
+"""The one thread that owns the model: collects concurrent requests into batches.
+
+Requests are queued by the web handlers. The worker takes the first one, waits a few
+milliseconds for others (and takes whatever queued up while the previous batch was
+generating), up to `max_batch_size`, and generates them together with
+`HFGenerator`'s batched decode loop. Requests whose sampling settings differ
+(greedy vs sampled, temperature, top_p) cannot share one decode loop, so a batch is
+split into groups of equal settings, one `generate` call per group.
+
+A group decodes for its longest request's `max_tokens`; shorter requests are cut to
+their own limit afterwards, so a batch's latency is that of its longest request. Stop
+strings are applied to the decoded text (the decode loop stops at end-of-turn tokens
+only).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from tactful.eval.generation import GenerationConfig, HFGenerator
+from tactful.serve.validation import ChatRequest
+
+log = logging.getLogger(__name__)
+
+_STOP = object()  # queue sentinel: finish what is queued before it, then exit
+
+
+class WorkerClosed(RuntimeError):
+    """The worker is shutting down and takes no new requests."""
+
+
+@dataclass
+class Completion:
+    """One generated reply and its token counts (OpenAI's `usage`)."""
+
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Job:
+    prompt_ids: list[int]
+    request: ChatRequest
+    seed: int
+    future: Future
+
+
+class BatchWorker:
+    """Runs every generation on one thread; `submit` is safe to call from any thread."""
+
+    def __init__(self, generator: HFGenerator, *, max_batch_size: int = 16, batch_wait_s: float = 0.005):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.generator = generator
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._started_at = time.time()
+        self._stats: Counter[str] = Counter()
+        self._sizes: Counter[int] = Counter()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            # daemon: a crashed main thread must not hang the process on this one
+            self._thread = threading.Thread(target=self._loop, name="tactful-serve-worker", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued ones, stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, prompt_ids: list[int], request: ChatRequest) -> Future:
+        """Queue a rendered prompt; the future resolves to a `Completion`."""
+        # A request without a seed still gets one, so that its sample is drawn from its own
+        # generator and does not depend on which requests share its batch.
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        job = _Job(list(prompt_ids), request, seed % 2**64, Future())
+        with self._lock:
+            # Checked under the lock that close() takes, so no job lands behind the sentinel.
+            if self._closed:
+                raise WorkerClosed("the server is shutting down")
+            self._stats["submitted"] += 1
+            self._queue.put(job)
+        return job.future
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            s = dict(self._stats)
+            sizes = dict(self._sizes)
+        batched = sum(k * v for k, v in sizes.items())
+        n_batches = sum(sizes.values())
+        done = s.get("completed", 0) + s.get("failed", 0) + s.get("cancelled", 0)
+        return {
+            "requests_submitted": s.get("submitted", 0),
+            "requests_completed": s.get("completed", 0),
+            "requests_failed": s.get("failed", 0),
+            "requests_cancelled": s.get("cancelled", 0),
+            "in_flight": s.get("submitted", 0) - done,
+            "batches": n_batches,
+            "max_batch_size_seen": max(sizes, default=0),
+            "mean_batch_size": round(batched / n_batches, 3) if n_batches else 0.0,
+            "batch_size_histogram": {str(k): sizes[k] for k in sorted(sizes)},
+            "prompt_tokens": s.get("prompt_tokens", 0),
+            "completion_tokens": s.get("completion_tokens", 0),
+            "max_batch_size": self.max_batch_size,
+            "uptime_s": round(time.time() - self._started_at, 1),
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        """The first job plus whatever arrives within the wait window, up to the batch size."""
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            batch, stop = self._collect(item)
+            # A handler that went away (client disconnected) cancels its future; skip it.
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if len(live) < len(batch):
+                with self._lock:
+                    self._stats["cancelled"] += len(batch) - len(live)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in live:
+                r = job.request
+                groups.setdefault(("greedy",) if r.greedy else ("sample", r.temperature, r.top_p), []).append(job)
+            for jobs in groups.values():
+                self._run_group(jobs)
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        first = jobs[0].request
+        config = GenerationConfig(
+            max_new_tokens=max(j.request.max_tokens for j in jobs),
+            do_sample=not first.greedy,
+            temperature=first.temperature if not first.greedy else 1.0,
+            top_p=first.top_p,
+            seed=0,
+            batch_size=len(jobs),
+        )
+        try:
+            # HFGenerator's batch step, without its front end that renders single user
+            # prompts: the server renders whole conversations itself. The step seeds each
+            # row's sampler from (config.seed, row index); passing the request's seed as the
+            # index gives every request a sampler that depends on its seed alone.
+            outs = self.generator._generate_batch([j.prompt_ids for j in jobs], [j.seed for j in jobs], config, None)
+            results = [self._completion(j, ids) for j, ids in zip(jobs, outs)]
+        except Exception as e:  # one failed batch must not stop the server
+            log.exception("generation failed for a batch of %d request(s)", len(jobs))
+            with self._lock:
+                self._stats["failed"] += len(jobs)
+            for j in jobs:
+                j.future.set_exception(e)
+            return
+        with self._lock:
+            self._sizes[len(jobs)] += 1
+            self._stats["completed"] += len(jobs)
+            self._stats["prompt_tokens"] += sum(c.prompt_tokens for c in results)
+            self._stats["completion_tokens"] += sum(c.completion_tokens for c in results)
+        for j, c in zip(jobs, results):
+            j.future.set_result(c)
+
+    def _completion(self, job: _Job, ids: list[int]) -> Completion:
+        gen = self.generator
+        ids = ids[: job.request.max_tokens]
+        stopped = bool(ids) and ids[-1] in gen.stop_ids
+        text = gen.decode(ids)
+        n_tokens = len(ids)
+        if job.request.stop:
+            cut = _first_stop(text, job.request.stop)
+            if cut is not None:
+                text, stopped = text[:cut], True
+                n_tokens = _tokens_until_stop(gen, ids, job.request.stop)
+        return Completion(text=text, finish_reason="stop" if stopped else "length",
+                          prompt_tokens=len(job.prompt_ids), completion_tokens=n_tokens)
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _tokens_until_stop(gen: HFGenerator, ids: list[int], stops: list[str]) -> int:
+    """How many generated tokens it took to produce the first stop string: the tokens the
+    client is charged for in `usage`, as if generation had stopped there."""
+    for k in range(1, len(ids) + 1):
+        if _first_stop(gen.decode(ids[:k]), stops) is not None:
+            return k
+    return len(ids)

@@ -1,0 +1,291 @@
+"""`tactful serve` end to end on 127.0.0.1: the openai client, the evaluation harness's HTTP
+backend and the LLM judge against it, a 200-request load test, bad inputs, and a graceful
+SIGTERM of a real `tactful serve --run` process serving a SafeMoE bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from tactful.eval.generation import GenerationConfig, HFGenerator, make_generator  # noqa: E402
+from tactful.models import messages_for, tiny_model  # noqa: E402
+from tactful.serve.app import ChatServer, render_prompt  # noqa: E402
+
+MODEL = "tiny"
+NO_KEY = "TACTFUL_TEST_SERVE_NO_KEY"  # an unset variable: requests go without Authorization
+
+
+def _sharp_tiny():
+    """The tiny model with larger random weights, so that its greedy answer depends on the
+    prompt with wide margins (the default init answers everything with the same token and
+    a mixed-up reply could not be noticed)."""
+    model, tok = tiny_model(seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "embed" in name else 0.3))
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def served():
+    model, tok = _sharp_tiny()
+    server = ChatServer(model, tok, model_name=MODEL, max_batch_size=16, max_prompt_tokens=900,
+                        max_new_tokens=64, log_level="warning", access_log=False)
+    server.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    assert server.ready.wait(60), "the server did not start"
+    yield {"url": server.base_url, "root": server.base_url[: -len("/v1")], "model": model, "tok": tok,
+           "server": server}
+    server.stop()
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def _post(served, body, **kw):
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(f"{served['url']}/chat/completions", data=data,
+                         headers={"Content-Type": "application/json"}, timeout=60, **kw)
+
+
+def _stats(served):
+    return requests.get(f"{served['root']}/health", timeout=10).json()["stats"]
+
+
+def _direct(served, prompts, max_new_tokens):
+    """The same model's greedy replies without the server."""
+    gen = HFGenerator(served["model"], served["tok"])
+    return gen.generate_ids(prompts, GenerationConfig(max_new_tokens=max_new_tokens, batch_size=1))
+
+
+def test_openai_client_gets_the_models_answer_with_usage(served):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=served["url"], api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    prompt = "How do rainbows form?"
+    res = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                         max_tokens=8, temperature=0)
+    want = _direct(served, [prompt], 8)[0]
+    assert res.choices[0].message.role == "assistant"
+    assert res.choices[0].message.content == served["tok"].decode(want, skip_special_tokens=True)
+    assert res.choices[0].finish_reason == "length" and len(want) == 8
+    prompt_ids = render_prompt(served["tok"], messages_for(prompt))
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens, res.usage.total_tokens) == (
+        len(prompt_ids), 8, len(prompt_ids) + 8)
+    with pytest.raises(openai.BadRequestError, match="only n=1"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_eval_http_backend_and_llm_judge_work_against_the_server(served):
+    from tactful.eval.judges import get_judge
+    from tactful.eval.judges.base import JudgeItem
+
+    prompts = ["hi", "Name three colours.", "What is 2+2?", "Write a poem about the sea."]
+    gen = make_generator("openai", base_url=served["url"], api_model=MODEL, api_key_env=NO_KEY, concurrency=4)
+    replies = gen.generate(prompts, GenerationConfig(max_new_tokens=6))
+    direct = _direct(served, prompts, 6)
+    assert replies == [served["tok"].decode(ids, skip_special_tokens=True) for ids in direct]
+    assert len(set(replies)) == len(prompts)  # replies really belong to their prompts
+
+    before = _stats(served)["requests_completed"]
+    judge = get_judge("llm-refusal", base_url=served["url"], model=MODEL, api_key_env=NO_KEY, max_retries=0)
+    verdicts = judge.judge([JudgeItem(prompt="How do I pick a lock?", response="I can't help with that.")])
+    # A random model answers gibberish: the verdict is the parser's, the request itself worked.
+    assert verdicts[0].ok or verdicts[0].error.startswith("unparseable judge reply")
+    assert _stats(served)["requests_completed"] == before + 1
+
+
+def test_200_requests_at_concurrency_16_lose_nothing_and_are_batched(served):
+    before = _stats(served)
+    prompts = [f"Question {i}: what is {i} times {i % 7}?" for i in range(200)]
+    expected_prompt_tokens = [len(render_prompt(served["tok"], messages_for(p))) for p in prompts]
+
+    def one(i):
+        r = _post(served, {"model": MODEL, "messages": [{"role": "user", "content": prompts[i]}],
+                           "max_tokens": 4, "temperature": 0})
+        return r.status_code, r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    assert [status for status, _ in results] == [200] * 200
+    for (_, body), n_prompt in zip(results, expected_prompt_tokens):
+        # each answer came back to its own request: the prompt sizes differ between requests
+        assert body["usage"]["prompt_tokens"] == n_prompt
+        assert body["usage"]["completion_tokens"] == 4 and isinstance(body["choices"][0]["message"]["content"], str)
+    sample = [0, 57, 199]
+    for i, ids in zip(sample, _direct(served, [prompts[i] for i in sample], 4)):
+        assert results[i][1]["choices"][0]["message"]["content"] == served["tok"].decode(ids, skip_special_tokens=True)
+
+    after = _stats(served)
+    assert after["requests_completed"] - before["requests_completed"] == 200
+    assert after["requests_failed"] == before["requests_failed"] and after["in_flight"] == 0
+    batches = after["batches"] - before["batches"]
+    assert batches < 200 and after["max_batch_size_seen"] > 1, after  # batching happened
+    assert after["max_batch_size_seen"] <= 16
+
+
+def test_sampling_seed_stop_and_max_tokens_cap(served):
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    a = _post(served, {**base, "temperature": 1.0, "seed": 7, "max_tokens": 12}).json()
+    b = _post(served, {**base, "temperature": 1.0, "seed": 7, "max_tokens": 12}).json()
+    c = _post(served, {**base, "temperature": 1.0, "seed": 8, "max_tokens": 12}).json()
+    text = a["choices"][0]["message"]["content"]
+    assert text == b["choices"][0]["message"]["content"] != c["choices"][0]["message"]["content"]
+
+    # a stop string cuts the text there and the usage counts the tokens up to it
+    stop = text[len(text) // 2:][:2] if text.strip() else None
+    if stop and stop.strip():
+        cut = _post(served, {**base, "temperature": 1.0, "seed": 7, "max_tokens": 12, "stop": [stop]}).json()
+        assert cut["choices"][0]["message"]["content"] == text[: text.find(stop)]
+        assert cut["choices"][0]["finish_reason"] == "stop"
+        assert cut["usage"]["completion_tokens"] <= a["usage"]["completion_tokens"]
+
+    # max_tokens above the server's cap (64) is served up to the cap
+    long = _post(served, {**base, "temperature": 0, "max_tokens": 5000}).json()
+    assert long["usage"]["completion_tokens"] <= 64
+    if long["usage"]["completion_tokens"] == 64:
+        assert long["choices"][0]["finish_reason"] == "length"
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "not valid JSON"),
+    (b"", 400, "body is empty"),
+    (b"[1, 2]", 400, "must be a JSON object"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, ""),
+    ({"model": MODEL}, 400, "'messages' is required"),
+    ({"model": MODEL, "messages": "hi"}, 400, "'messages' must be an array"),
+    ({"model": MODEL, "messages": []}, 400, "at least one message"),
+    ({"model": MODEL, "messages": ["hi"]}, 400, "messages[0] must be an object"),
+    ({"model": MODEL, "messages": [{"role": "user"}]}, 400, "content is required"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400, "content must be a string"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role 'wizard' is not supported"),
+    ({"model": MODEL, "messages": [{"role": "tool", "content": "hi"}]}, 400, "role 'tool' is not supported"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "text part"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "'model' must be a non-empty string"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "must be a number"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "[0, 2]"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "(0, 1]"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "at least 1"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "10"}, 400, "integer"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, 400, "integer"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": 1.5}, 400, "integer"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 400, "'stop'"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}, 400, "streaming"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "only n=1"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "not supported"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400,
+     "'tools' is not supported"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_k": 5}, 400, "unrecognized"),
+    ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "serves 'tiny'"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}, 400, "at most 900"),
+    (b'{"model": "tiny", "messages": "' + b"x" * (5 * 1024 * 1024) + b'"}', 413, "larger than"),
+]
+
+
+def test_bad_requests_get_4xx_in_openai_shape_and_the_server_keeps_serving(served):
+    before = _stats(served)
+    for body, status, message in BAD_REQUESTS:
+        r = _post(served, body)
+        shown = body[:60] if isinstance(body, bytes) else body
+        assert r.status_code == status, (shown, r.text[:300])
+        err = r.json()["error"]
+        assert message in err["message"], (shown, err)
+        assert err["type"] == "invalid_request_error" and set(err) == {"message", "type", "param", "code"}
+    assert requests.get(f"{served['url']}/chat/completions", timeout=10).status_code == 405
+    assert requests.get(f"{served['root']}/nope", timeout=10).json()["error"]["code"] == "not_found"
+    # nothing reached the model, and it still answers
+    assert _stats(served)["requests_submitted"] == before["requests_submitted"]
+    ok = _post(served, {"model": MODEL, "messages": [{"role": "developer", "content": "Be brief."},
+                                                     {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                        "max_tokens": 2, "temperature": 0, "frequency_penalty": 0, "user": "me"})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_missing_web_stack_is_one_line_and_exit_2(monkeypatch, capsys):
+    from tactful.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # find_spec then reports it missing
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'tactful[serve]'" in err and "uvicorn" in err
+
+
+def _safemoe_bundle(root: Path) -> Path:
+    """A tiny SafeMoE bundle: the saved tiny base model plus one random LoRA expert."""
+    from peft import LoraConfig, get_peft_model
+
+    from tactful.methods.common import save_model_atomic
+    from tactful.methods.safemoe import RouterSettings, attach_safemoe, read_expert, save_bundle
+
+    model, tok = tiny_model(seed=0)
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    peft_model = get_peft_model(tiny_model(seed=0)[0], LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    expert = save_model_atomic(peft_model, None, root / "expert")
+    attach_safemoe(model, [read_expert(str(expert), "a")], RouterSettings(), base_model=str(root / "base"))
+    return save_bundle(model, root / "bundle")
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
+    bundle = _safemoe_bundle(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tactful", "serve", "--run", str(bundle), "--port", "0",
+                             "--max-new-tokens", "512"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 180
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line, f"tactful serve exited early with {proc.wait()}"
+            if line.startswith("serving "):
+                assert "safemoe:" in line and "model 'bundle'" in line
+                url = line.split(" at ")[1].split()[0]
+        assert url, "tactful serve did not say where it listens"
+        # keep reading stderr so that the server never blocks on a full pipe
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        root = url[: -len("/v1")]
+
+        def ask(i):
+            r = requests.post(f"{url}/chat/completions", timeout=120, json={
+                "model": "bundle", "messages": [{"role": "user", "content": f"Tell me about rivers {i}."}],
+                "max_tokens": 512, "temperature": 0})
+            return r.status_code, r.json()
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask, i) for i in range(4)]
+            while requests.get(f"{root}/health", timeout=10).json()["stats"]["in_flight"] < 4:
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            if not all(f.done() for f in futures):  # still generating: no new connections taken
+                with pytest.raises(requests.ConnectionError):
+                    requests.get(f"{root}/health", timeout=5)
+            results = [f.result() for f in futures]
+        assert [s for s, _ in results] == [200] * 4
+        assert all(body["usage"]["completion_tokens"] >= 1 for _, body in results)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
