@@ -86,16 +86,28 @@ def data_fingerprint(source: str | os.PathLike | list | None) -> str | None:
 
 
 class RunDir:
-    """A directory holding one run's config, manifest and artifacts."""
+    """A directory holding one run's config, manifest and artifacts.
+
+    In a multi-process launch only the main process writes (the others hold the same values and
+    return the path unwritten), so the processes never race on a file.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
+    @staticmethod
+    def _writes() -> bool:
+        from tactful.distributed import is_main_process
+
+        return is_main_process()
+
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
     def write_config(self, config: Any) -> Path:
+        if not self._writes():
+            return self.path / "config.json"
         return atomic_write_json(self.path / "config.json", redact(config))
 
     def write_manifest(
@@ -107,6 +119,8 @@ class RunDir:
         data: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> Path:
+        if not self._writes():
+            return self.path / "manifest.json"
         manifest = {
             "kind": kind,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -127,6 +141,8 @@ class RunDir:
         import json
 
         path = self.path / "manifest.json"
+        if not self._writes():
+            return path
         manifest = json.loads(path.read_text()) if path.exists() else {}
         manifest.update(redact(fields))
         return atomic_write_json(path, manifest)
@@ -137,9 +153,13 @@ class RunDir:
         return json.loads((self.path / name).read_text())
 
     def write_json(self, name: str, obj: Any) -> Path:
+        if not self._writes():
+            return self.path / name
         return atomic_write_json(self.path / name, obj)
 
     def write_text(self, name: str, text: str) -> Path:
+        if not self._writes():
+            return self.path / name
         return atomic_write_text(self.path / name, text)
 
 

@@ -118,6 +118,9 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, *, se
 
     from transformers import TrainingArguments
 
+    from tactful.distributed import setup
+
+    setup()  # under a multi-process launch: the process group, on gloo when there is no GPU
     params = inspect.signature(TrainingArguments.__init__).parameters
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio)
     warmup = {"warmup_ratio": settings.warmup_ratio} if "warmup_ratio" in params else {"warmup_steps": settings.warmup_ratio}
@@ -161,8 +164,15 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def save_model_atomic(model: Any, tokenizer: Any, target: str | Path) -> Path:
-    """Save an adapter (or a full model) to `target` via a temp dir + rename: never half-written."""
+    """Save an adapter (or a full model) to `target` via a temp dir + rename: never half-written.
+
+    In a multi-process launch only the main process writes; after a Trainer, use
+    `save_trained`, which also gathers sharded parameters and waits for the write."""
+    from tactful.distributed import is_main_process
+
     target = Path(target)
+    if not is_main_process():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -173,6 +183,44 @@ def save_model_atomic(model: Any, tokenizer: Any, target: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return target
+
+
+def save_trained(trainer: Any, tokenizer: Any, target: str | Path) -> Path:
+    """Save what `trainer` trained (adapter or full model) to `target`, atomically.
+
+    Every process must call it. With parameters sharded across processes (FSDP, DeepSpeed) the
+    Trainer gathers them, which is a collective; the main process writes. Every process
+    returns once `target` is in place, so it can be read back at once.
+    """
+    from tactful.distributed import barrier, is_main_process
+
+    target = Path(target)
+    if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+        save_model_atomic(trainer.model, tokenizer, target)
+    else:
+        # A fixed name every process agrees on (only the main one writes into it).
+        tmp = target.parent / f".{target.name}.saving"
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+        barrier()
+        trainer.save_model(str(tmp))
+        if is_main_process():
+            try:
+                if not any(tmp.glob("*.safetensors")):
+                    raise UserError(
+                        f"the trainer saved no weights to {target}: with DeepSpeed ZeRO-3 set "
+                        "zero3_save_16bit_model: true (configs/accelerate/deepspeed_zero3.yaml), with FSDP "
+                        "fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp.yaml)")
+                (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle: artifacts are safetensors + JSON
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+                publish_dir(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    barrier()
     return target
 
 
@@ -278,13 +326,15 @@ def save_start(start: StartModel, run_dir: Path) -> dict[str, Any]:
     return the manifest fields that `load_started_run` reads."""
     if not start.start_from:
         return {"start_from": None, "start_kind": None, "start_adapters": []}
+    from tactful.distributed import is_main_process
+
     names = None
     if start.adapter_chain is not None:
         names = []
         for i, src in enumerate(start.adapter_chain):
             name = f"start_adapters/{i}"
             dst = run_dir / name
-            if Path(src).resolve() != dst.resolve():
+            if is_main_process() and Path(src).resolve() != dst.resolve():
                 shutil.rmtree(dst, ignore_errors=True)
                 shutil.copytree(src, dst)
             names.append(name)

@@ -51,5 +51,14 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> tuple[str, Any
 
 
 def train_recipe(path: str, overrides: list[str] | None = None, *, log: Callable[[str], None] = print) -> Any:
+    from tactful.distributed import is_main_process, setup
+
+    setup()  # launched with several processes: they form a group before any of them loads data
+    if not is_main_process():
+        log = _quiet  # the main process reports; N copies of every line would only be noise
     method, config = load_recipe(path, overrides)
     return method_module(method).run(config, log=log)
+
+
+def _quiet(message: str) -> None:
+    pass
