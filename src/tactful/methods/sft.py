@@ -26,7 +26,7 @@ from tactful.methods.common import (
     is_peft,
     last_checkpoint,
     prepare_trainable,
-    save_model_atomic,
+    save_trained,
     set_seed,
     training_arguments,
 )
@@ -134,7 +134,7 @@ def train_sft(
     result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     model.eval()
-    save_model_atomic(model, tokenizer, run.path / adapter_subdir)
+    save_trained(trainer, tokenizer, run.path / adapter_subdir)
     run.write_json(f"train_log_{adapter_subdir}.json", trainer.state.log_history)
     run.write_config({"method": "sft", **asdict(config)})
     run.write_manifest(
