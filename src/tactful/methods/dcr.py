@@ -31,7 +31,7 @@ from tactful.methods.common import (
     TrainingSettings,
     is_peft,
     last_checkpoint,
-    save_model_atomic,
+    save_trained,
     set_seed,
     training_arguments,
 )
@@ -80,7 +80,7 @@ class _Stop(Exception):
 
 def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
     base = model
-    for attr in ("base_model", "model"):
+    for attr in ("module", "base_model", "model"):  # module: a DDP / DeepSpeed wrapper
         while hasattr(base, attr) and not hasattr(base, "layers"):
             base = getattr(base, attr)
     layers = getattr(base, "layers", None)
@@ -94,21 +94,31 @@ def default_layer(num_layers: int) -> int:
 
 
 def layer_representations(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int,
-                          pooling: str) -> torch.Tensor:
+                          pooling: str, *, stop: bool = True) -> torch.Tensor:
     """Pooled output of decoder layer `layer` for a right-padded batch of prompts: [B, D].
 
     The forward pass is cut at layer l by a hook, which is both cheaper and the
-    structural guarantee that later layers get no gradient.
+    structural guarantee that later layers get no gradient. `stop=False` runs the whole
+    forward instead (the representation is the same): a model wrapped for DDP, FSDP or
+    DeepSpeed must return from its forward normally, or it never prepares the gradient
+    all-reduce (DDP would silently train each process on its own gradients).
     """
     captured: dict[str, torch.Tensor] = {}
 
     def hook(_mod, _inp, out):
         captured["h"] = out[0] if isinstance(out, tuple) else out
-        raise _Stop
+        if stop:
+            raise _Stop
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        kw = {} if stop else {"logits_to_keep": 1}  # no vocabulary-sized logits for a loss that ignores them
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
+        except TypeError as e:  # a model whose forward has no logits_to_keep
+            if not kw or "logits_to_keep" not in str(e):
+                raise
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -173,8 +183,11 @@ def _make_trainer_class():
             return balanced_sampler(self.subsets, len(self.subsets), self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            from accelerate.utils import DistributedType
+
             reps = layer_representations(model, inputs["input_ids"], inputs["attention_mask"], self.layer,
-                                         self.dcr.pooling)
+                                         self.dcr.pooling,
+                                         stop=self.accelerator.distributed_type == DistributedType.NO)
             sp, sn = pairwise_similarities(reps, inputs["subset"])
             if sp.numel() == 0 or sn.numel() == 0:  # a batch drawn from one subset only
                 loss = reps.sum() * 0.0
@@ -323,8 +336,12 @@ def run_stage1(config: DCRConfig, model: Any, tokenizer: Any, run: RunDir,
     trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     model.eval()
-    save_model_atomic(model, None, stage_dir)
+    save_trained(trainer, None, stage_dir)
     run.write_json("train_log_stage1.json", trainer.state.log_history)
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        # The engine owns (and may have sharded or cast) the trained parameters: continue from
+        # the saved stage 1 instead, which every process now sees whole.
+        model = _reload_stage1(config.model, stage_dir, lora=s1.lora.enabled, device=trainer.args.device)
 
     diag["similarity_after"] = {"train": representation_similarity(model, tokenizer, toxic, seemingly, layer, s1.pooling)}
     if held_toxic:
@@ -341,6 +358,19 @@ def run_stage1(config: DCRConfig, model: Any, tokenizer: Any, run: RunDir,
     b, a = diag["similarity_before"]["train"]["cross"], diag["similarity_after"]["train"]["cross"]
     log(f"DCR stage 1 (layer {layer}): toxic vs seemingly-toxic cosine {b:.3f} -> {a:.3f}")
     return model, diag
+
+
+def _reload_stage1(base: str, stage_dir: Path, *, lora: bool, device: Any) -> Any:
+    """The stage-1 model as saved: the base model with the stage-1 adapter, or the full model."""
+    from tactful.models import attach_adapter, load_model
+
+    if lora:
+        model = attach_adapter(load_model(base)[0], stage_dir)
+    else:
+        model = load_model(str(stage_dir))[0]
+    model.to(device)
+    model.eval()
+    return model
 
 
 def train_dcr(config: DCRConfig, *, log: Callable[[str], None] = print) -> tuple[Any, RunDir]:
