@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from tactful.data.records import PreferencePair
+from tactful.distributed import is_main_process, require_unsharded, run_on_main, share_from_main
 from tactful.errors import UserError
 from tactful.logprobs import IGNORE_INDEX, collate, encode_example
 from tactful.methods.common import is_peft, load_started_run
@@ -496,11 +497,14 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
         raise UserError(f"shapo.sam_interval must be >= 1, got {s.sam_interval}")
     if s.perturbation == "official" and not 0 <= s.gamma_min <= s.gamma_max:
         raise UserError("shapo.gamma_min must be in [0, shapo.gamma_max]")
+    require_unsharded("shapo", "its perturbation hooks and probe read whole down-projection weights")
     model, run, log = setup.model, setup.run, setup.log
     modules = down_projections(model)
     probe_path, mask_path = run.path / "shapo_probe.safetensors", run.path / "shapo_mask.safetensors"
 
-    if config.resume and _saved_mask_matches(mask_path, probe_path, s, len(modules)):
+    if not is_main_process():
+        masks = scores = probe_info = None  # the main process fits the probe, writes it and shares the mask below
+    elif config.resume and _saved_mask_matches(mask_path, probe_path, s, len(modules)):
         # Resuming: the probe was fitted on the starting model; reuse it rather than refit.
         saved_probe, saved = load_file(str(probe_path)), load_file(str(mask_path))
         direction = saved_probe["direction"]
@@ -528,6 +532,8 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
         save_file(tensors, str(mask_path), metadata={"sign": s.sign, "mask_fraction": str(s.mask_fraction)})
         log(f"probe accuracy: train {probe.train_accuracy:.3f}"
             + (f", held-out {probe.heldout_accuracy:.3f}" if probe.heldout_accuracy is not None else ""))
+    # Every process must perturb the same neurons: the main process's choice.
+    masks, scores, probe_info = share_from_main((masks, scores, probe_info), what="fitting the ShaPO probe")
 
     perturbation = NeuronPerturbation(modules, masks)
     selected = torch.cat([sc[m] for sc, m in zip(scores, masks)])
@@ -543,7 +549,8 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
                 "rho": s.rho if s.perturbation == "sam" else None},
     }
     if s.reward_level:
-        p_star = soft_labels(response_costs(setup.pairs, s.cost), s.cost_scale)
+        p_star = run_on_main(lambda: soft_labels(response_costs(setup.pairs, s.cost), s.cost_scale),
+                             what="judging responses for ShaPO's soft labels")
         setup.dataset.add_column("p_star", p_star)
         info["reward_level"] = {"cost": s.cost, "scale": s.cost_scale,
                                 "mean_p_star": sum(p_star) / len(p_star)}

@@ -35,6 +35,7 @@ import torch
 
 from tactful.data.records import PreferencePair
 from tactful.errors import UserError
+from tactful.distributed import is_main_process, run_on_main, share_from_main
 from tactful.io import atomic_write_jsonl, read_jsonl_tolerant
 from tactful.logprobs import IGNORE_INDEX
 from tactful.methods.common import (
@@ -365,7 +366,9 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
                             "system": config.system})
         path = run.path / "impact_scores.json"
         saved = json.loads(path.read_text()) if path.is_file() else None
-        if saved is not None and saved.get("fingerprint") == key:
+        if not is_main_process():
+            impact = {}  # scored once, by the main process (which writes the file), and shared below
+        elif saved is not None and saved.get("fingerprint") == key:
             log(f"reusing the impact scores in {path}")
             impact = saved
         else:
@@ -378,6 +381,7 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
             run.write_json("impact_scores.json", impact)
             log(f"impact scores ({result.method}): {impact['n_positive']} of {len(conflict)} pairs get weight; "
                 f"{result.seconds}")
+        impact = share_from_main(impact, what="scoring TRACE's impact weights")
         raw = list(impact["weights"])
         if sum(raw) == 0:
             log("warning: no conflict pair has a positive impact score; only the KL term will train "
@@ -387,10 +391,11 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
     for i, w in zip(conflict, raw):
         weights[i] = w * scale
     ds.add_column("trace_weight", weights)
-    atomic_write_jsonl(run.path / "train_pairs.jsonl",
-                       [{**p.to_dict(), "trace_label": lab, "trace_kind": k, "trace_weight": w,
-                         "judge": summary["judge"], "policy_hash": summary["policy"]["hash"]}
-                        for p, lab, k, w in zip(training.pairs, training.label, training.kind, weights)])
+    if is_main_process():
+        atomic_write_jsonl(run.path / "train_pairs.jsonl",
+                           [{**p.to_dict(), "trace_label": lab, "trace_kind": k, "trace_weight": w,
+                             "judge": summary["judge"], "policy_hash": summary["policy"]["hash"]}
+                            for p, lab, k, w in zip(training.pairs, training.label, training.kind, weights)])
     setup.trainer_kwargs["alpha_kl"] = 0.0 if t.no_kl else t.alpha_kl
     setup.manifest["trace"] = {
         "policy": summary["policy"], "judge": summary["judge"], "triage": summary["counts"],
@@ -468,7 +473,10 @@ def train_trace(config: TraceConfig, *, model: Any = None, tokenizer: Any = None
         start = StartModel(None, None, base_model=config.model)
     # Built-in pairs are answered by the starting model: put it where it will train first.
     model.to(training_arguments(config.training, run.path / "checkpoints", seed=config.seed).device)
-    triaged, summary = run_triage(config, run, model=model, tokenizer=tokenizer, model_name=start.name, log=log)
+    # Judged once, by the main process (it owns the verdict cache and the triage files); all get its labels.
+    triaged, summary = run_on_main(lambda: run_triage(config, run, model=model, tokenizer=tokenizer,
+                                                      model_name=start.name, log=log),
+                                   what="triaging the pairs under the new policy")
     training = build_training_set(triaged, config.trace)
     if not training.pairs:
         raise UserError("nothing to train on after triage (all pairs failed, or only RETAIN pairs with no_kl)")
