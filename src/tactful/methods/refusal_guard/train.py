@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from tactful.data.records import Example, MCItem, PromptRecord
+from tactful.distributed import is_main_process, run_on_main
 from tactful.errors import UserError
 from tactful.methods.common import (
     EncodedDataset,
@@ -35,7 +36,7 @@ from tactful.methods.common import (
     is_peft,
     last_checkpoint,
     prepare_trainable,
-    save_model_atomic,
+    save_trained,
     set_seed,
     training_arguments,
 )
@@ -435,14 +436,18 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
                         "run (e.g. a safety-SFT run); its base model is the unaligned one")
     if config.guard.kind == "safelora" and not config.lora.enabled:
         raise UserError("guard.kind=safelora projects a LoRA adapter; set lora.enabled=true")
+    _check_engine(config.guard.kind)
     set_seed(config.seed)
     run = RunDir(config.output_dir)
     start = load_start_model(config, log=log)
-    subspaces, info = build_subspaces(config, start, run, log=log)
-    if subspaces:
+    # SAEs, features and the basis come from the main process (which writes them): every
+    # process then projects onto exactly the same subspace.
+    subspaces, info = run_on_main(lambda: build_subspaces(config, start, run, log=log),
+                                  what="building the protected subspace")
+    if subspaces and is_main_process():
         save_subspaces(subspaces, run.path / "guard" / "subspace.safetensors")
     if config.heads.enabled:
-        _score_heads(config, start, run, log)
+        run_on_main(lambda: _score_heads(config, start, run, log), what="scoring attention heads", share=False)
     alignment = _alignment_matrices(start, config.lora, log) if config.guard.kind == "safelora" else None
 
     set_seed(config.seed)
@@ -478,8 +483,8 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
         log(f"Safe LoRA projected {len(report['projected'])} of {len(report['similarities'])} module(s)")
 
     lora = is_peft(model)
-    save_model_atomic(model, tok, run.path / ("adapter" if lora else "model"))
-    if start.start_adapter:
+    save_trained(trainer, tok, run.path / ("adapter" if lora else "model"))
+    if start.start_adapter and is_main_process():
         # a private copy makes the run self-contained: loading it needs only the base model
         dst = run.path / "start_adapter"
         if Path(start.start_adapter).resolve() != dst.resolve():
@@ -497,6 +502,22 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
                "status": "complete", **extra},
     )
     return model, run
+
+
+def _check_engine(kind: str) -> None:
+    """The guards edit parameters in place after each optimizer step, which needs them whole and
+    owned by the torch optimizer: DDP (or one process), not FSDP or DeepSpeed."""
+    from tactful.distributed import deepspeed_zero_stage, require_unsharded
+
+    if kind in ("sae", "direction"):
+        if deepspeed_zero_stage() is not None:
+            raise UserError(f"refusal_guard with guard.kind={kind} does not support DeepSpeed: it projects the "
+                            "weights after every optimizer step, and DeepSpeed keeps its own master copy of them; "
+                            "launch it with DDP (configs/accelerate/ddp.yaml)")
+        require_unsharded(f"refusal_guard with guard.kind={kind}", "it projects whole weight matrices after every "
+                          "optimizer step")
+    elif kind == "safelora":
+        require_unsharded("refusal_guard with guard.kind=safelora", "it projects the whole trained adapter")
 
 
 def _alignment_matrices(start: StartModel, lora: LoraSettings, log: Callable[[str], None]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from tactful.methods.common import (
     TrainingSettings,
     apply_lora,
     last_checkpoint,
-    save_model_atomic,
+    save_trained,
     set_seed,
     training_arguments,
 )
@@ -93,7 +93,7 @@ def train_expert(
     if ckpt:
         log(f"resuming expert {Path(out_dir).name} from {ckpt}")
     result = trainer.train(resume_from_checkpoint=ckpt)
-    save_model_atomic(trainer.model, None, out_dir)
+    save_trained(trainer, None, out_dir)
     return {"examples": len(examples), "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "log_history": trainer.state.log_history}
 

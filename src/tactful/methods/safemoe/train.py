@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from tactful.data.builtin import HARM_DOMAINS, harmful_examples
 from tactful.data.records import Example
+from tactful.distributed import barrier, is_main_process, require_unsharded, share_from_main
 from tactful.errors import UserError
 from tactful.methods.common import (
     EncodedDataset,
@@ -106,6 +107,8 @@ def _trainer_class() -> type:
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             from safetensors.torch import save_file
 
+            if not self.args.should_save:  # every process gets here; one writes
+                return
             out = Path(output_dir or self.args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             if state_dict is not None:  # FSDP / DeepSpeed hand over a gathered full state dict
@@ -149,7 +152,9 @@ def train_router(
     s = moe.settings
     moe.collect_aux = s.entropy_weight != 0 or s.balance_weight != 0
     dataset = EncodedDataset(tokenizer, examples, max_length=training.max_length, system=system)
-    args = training_arguments(training, checkpoint_dir, seed=seed)
+    # DDP would otherwise re-broadcast every buffer before each forward: here that is all the
+    # experts' stacked LoRA factors, identical on every process and never trained.
+    args = training_arguments(training, checkpoint_dir, seed=seed, ddp_broadcast_buffers=False)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset,
                                data_collator=ResponseCollator(tokenizer.pad_token_id), callbacks=callbacks)
     ckpt = last_checkpoint(checkpoint_dir) if resume else None
@@ -231,6 +236,8 @@ def train_safemoe(
     if unknown_adapters:
         raise UserError(f"experts.adapters names domains not in `domains`: {', '.join(unknown_adapters)}")
     config.router.validate(len(domains))
+    require_unsharded("safemoe", "the router's gates are read from decoder-layer hooks, outside the module "
+                      "forwards in which FSDP and ZeRO-3 gather parameters")
     run = RunDir(config.output_dir)
     stages = _Stages(run)
     if not config.resume:  # start over: every stage is rebuilt and overwritten
@@ -251,6 +258,7 @@ def train_safemoe(
         return load_safemoe(run.path)[0], run
     run.write_config({"method": "safemoe", **asdict(config)})
     run.write_manifest(kind="safemoe", base_model=config.model, seed=config.seed, extra={"status": "incomplete"})
+    barrier()  # every process has read the old manifest and stages before the main one moves on
 
     # 1. unsafe corpus (only for domains whose expert we train)
     corpus_dir = run / "corpus"
@@ -259,21 +267,27 @@ def train_safemoe(
         stages.enter("corpus", corpus_fp, "corpus")
         current = corpus_is_current(corpus_dir, domains=to_train, settings=config.corpus, model_spec=config.model,
                                     seed=config.seed, system=config.system)
-        if current and config.resume:
+        if not is_main_process():
+            pass  # the main process generates and writes the corpus; the others read it below
+        elif current and config.resume:
             log(f"unsafe corpus: reusing {corpus_dir}")
             corpus = read_unsafe_corpus(corpus_dir)
         else:
             corpus = build_unsafe_corpus(corpus_dir, domains=to_train, settings=config.corpus,
                                          model_spec=config.model, judge=judge, seed=config.seed,
                                          system=config.system, log=log)
+        share_from_main(None, what="building the unsafe corpus")
+        if corpus is None:
+            corpus = read_unsafe_corpus(corpus_dir)
 
     # 2. experts: user-provided adapters are copied in; the others trained on their corpus
     experts_dir = run / "experts"
     stages.enter("experts", experts_fp, "experts")
     for domain, src in config.experts.adapters.items():
         read_expert(src, domain)  # fail early on an adapter the router cannot mix
-        if not config.resume or not is_adapter_dir(experts_dir / domain):
+        if is_main_process() and (not config.resume or not is_adapter_dir(experts_dir / domain)):
             copy_dir_atomic(Path(src), experts_dir / domain)
+    barrier()
     expert_stats = {}
     if corpus is not None:
         expert_stats = train_experts(corpus.examples, experts_dir, load_base=lambda: load_model(config.model),
@@ -297,7 +311,8 @@ def train_safemoe(
     run.write_json("train_log_router.json", router_stats.pop("log_history"))
 
     # 4. bundle: router + config next to the experts, manifest last
-    save_bundle(model, run.path, base_model=config.model, manifest=False)
+    if is_main_process():
+        save_bundle(model, run.path, base_model=config.model, manifest=False)
     data = {"router_examples": [e.to_dict() for e in examples]}
     if corpus is not None:
         data.update({f"corpus_{d}": str(corpus_dir / f"{d}.jsonl") for d in corpus.examples})
@@ -305,6 +320,7 @@ def train_safemoe(
         "experts": domains, "router": ROUTER_FILE, "corpus_counts": corpus.counts() if corpus else {},
         "expert_training": expert_stats, "router_training": router_stats, "status": "complete"})
     log(f"SafeMoE bundle: {run.path}")
+    barrier()  # no process returns before the bundle is complete
     return model, run
 
 
