@@ -40,7 +40,7 @@ def _training(batch: int, *, steps: int, lr: float) -> dict[str, Any]:
     # float noise (Adam's first steps are sign-like and amplify it on near-zero components).
     return {"max_steps": steps, "per_device_train_batch_size": batch, "logging_steps": 1, "save_steps": 1000,
             "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "learning_rate": lr, "max_length": 64,
-            "optim": "sgd"}
+            "optim": "sgd", "ddp_find_unused_parameters": False}
 
 
 def recipes(base: str, out: Path, per_device: int) -> dict[str, dict[str, Any]]:
@@ -174,6 +174,17 @@ def worker(spec_path: str) -> None:
         save_file(trainable(model), str(out / f"{name}.rank{r}.safetensors"))
     shares = _sampler_shares(spec["base"], out, 2 * per_device)
     (out / f"sampler.rank{r}.json").write_text(json.dumps(shares))
+
+    # Metric keys that differ per process (a batch with no pair of some kind) must not hang.
+    means = distributed.mean_across_processes({"both": [1.0 + r, 3.0 + r], f"only{r}": [10.0 * (r + 1)]})
+    # A failure on the main process reaches the others as an error, not as an endless wait.
+    try:
+        distributed.run_on_main(lambda: 1 / 0, what="dividing by zero")
+        error = None
+    except Exception as e:  # noqa: BLE001
+        error = f"{type(e).__name__}: {e}"
+    shared = distributed.run_on_main(lambda: {"from": distributed.rank()}, what="sharing")
+    (out / f"helpers.rank{r}.json").write_text(json.dumps({"means": means, "error": error, "shared": shared}))
     distributed.barrier()
 
 
@@ -291,6 +302,15 @@ def test_dcr_sampler_gives_each_process_its_share_of_the_same_draws(two_process_
         # global step k = process 0's batch then process 1's: the single-process batch k
         assert r0["shares"][step] + r1["shares"][step] == draws[8 * step:8 * step + 8]
     assert r0["shares"][0] != r1["shares"][0]
+
+
+def test_metric_means_and_main_process_hand_overs(two_process_run):
+    for r in (0, 1):
+        got = json.loads((two_process_run / f"helpers.rank{r}.json").read_text())
+        assert got["means"] == {"both": 2.5, "only0": 10.0, "only1": 20.0}  # the same on both processes
+        assert got["shared"] == {"from": 0}
+        expected = "ZeroDivisionError" if r == 0 else "UserError: the main process failed while dividing by zero"
+        assert got["error"].startswith(expected)
 
 
 if __name__ == "__main__":

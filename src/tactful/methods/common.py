@@ -53,6 +53,10 @@ class TrainingSettings:
     optim: str = "adamw_torch"
     max_grad_norm: float = 1.0
     dataloader_num_workers: int = 0
+    ddp_find_unused_parameters: bool | None = field(default=None, metadata={"help": (
+        "DDP only: false skips the per-step search for parameters that got no gradient (faster; right when every "
+        "trainable parameter gets one each step, as in tactful's methods with LoRA); null keeps the Trainer's "
+        "choice (true for PEFT models)")})
 
 
 def set_seed(seed: int) -> None:
@@ -147,6 +151,7 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, *, se
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=settings.dataloader_num_workers,
+        ddp_find_unused_parameters=settings.ddp_find_unused_parameters,
         remove_unused_columns=False,
         disable_tqdm=False,
         **({"save_safetensors": True} if "save_safetensors" in params else {}),
