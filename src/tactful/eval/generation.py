@@ -377,9 +377,13 @@ def vllm_engine_kwargs(
     adapter: str | os.PathLike | None = None,
     dtype: str = "auto",
     gpu_memory_utilization: float = 0.85,
+    engine_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for vllm.LLM: LoRA enabled with a large enough max_lora_rank when
-    an adapter is given (vLLM's default of 16 rejects larger adapters at request time)."""
+    an adapter is given (vLLM's default of 16 rejects larger adapters at request time).
+
+    `engine_options` go to vllm.LLM as they are (tensor_parallel_size, max_model_len,
+    max_num_seqs, enforce_eager, quantization, ...) and win over the values set here."""
     if not 0 < gpu_memory_utilization <= 1:
         raise UserError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
     kw: dict[str, Any] = {
@@ -399,15 +403,81 @@ def vllm_engine_kwargs(
         if not fits:
             raise UserError(f"{cfg_path}: LoRA rank {rank} is larger than vLLM supports ({_VLLM_LORA_RANKS[-1]})")
         kw.update(enable_lora=True, max_lora_rank=fits[0], max_loras=1)
+    options = dict(engine_options or {})
+    if "model" in options:
+        raise UserError("the vllm engine option 'model' is tactful's --model (or --run)")
+    kw.update(options)
     return kw
 
 
 def _import_vllm() -> Any:
     try:
         import vllm
-    except ImportError:
-        raise UserError("the vllm backend needs vLLM; install it with `pip install 'tactful[vllm]'`") from None
+    except ModuleNotFoundError as e:
+        if e.name not in (None, "vllm"):  # vLLM is there, one of its own dependencies is not
+            raise UserError(f"vLLM is installed but cannot be imported (no module named {e.name!r}); reinstall it "
+                            "with `pip install 'tactful[vllm]'` in an environment with a CUDA build of torch") from None
+        raise UserError("the vllm backend needs vLLM, which is not installed: `pip install 'tactful[vllm]'` "
+                        "(Linux with a CUDA GPU), or use --backend hf") from None
+    except ImportError as e:
+        raise UserError(f"vLLM is installed but cannot be imported ({_first_line(e)}); reinstall it with "
+                        "`pip install 'tactful[vllm]'` in an environment with a CUDA build of torch") from None
     return vllm
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@dataclass
+class VLLMPlan:
+    """How vLLM can serve a tactful run: a model directory or hub id, plus at most one LoRA
+    adapter (one LoRARequest). `model` None means it cannot, for `reason`."""
+
+    model: str | None
+    adapter: str | None = None
+    reason: str | None = None
+
+
+def plan_vllm_run(run_dir: str | os.PathLike) -> VLLMPlan:
+    """What vLLM should load to generate with the model a training run produced.
+
+    Base model + one adapter (sft, dpo, shapo, trace, refusal_guard without a start run) is
+    a plain model with a LoRARequest; a full fine-tune is a plain model directory. SafeMoE
+    bundles route their experts per token with a learned router, and runs that stack
+    adapters (DCR's stage 1 under its SFT adapter, a `start_from` chain) need them merged
+    first: vLLM applies one LoRA per request, so these fall back to the HF backend.
+    """
+    from tactful.methods.registry import METHODS, method_module
+    from tactful.runs import read_manifest
+
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    kind = manifest.get("kind", "")
+    if kind == "safemoe":
+        return VLLMPlan(None, reason="a SafeMoE bundle mixes its LoRA experts per token with a learned router, "
+                                     "which vLLM cannot run")
+    if manifest.get("model_dir"):
+        return VLLMPlan(str(run / manifest["model_dir"]))
+    base = manifest.get("base_model")
+    if not base:
+        raise UserError(f"{run}/manifest.json names no base_model")
+    if kind in METHODS:
+        method_module(kind)  # registers the run loader that `_adapter_chain` consults
+    from tactful.methods.common import _adapter_chain
+
+    chain = _adapter_chain(run, manifest)
+    if chain is None and kind == "refusal_guard" and manifest.get("adapter") and not (
+            manifest.get("start_from") or manifest.get("start_adapter")):
+        chain = [run / manifest["adapter"]]  # its loader's plain case: the base model + this adapter
+    if not chain:
+        return VLLMPlan(None, reason=f"a {kind or 'tactful'} run is not one adapter on its base model "
+                                     "(its loader merges several), and vLLM applies one LoRA adapter per request")
+    if len(chain) > 1:
+        return VLLMPlan(None, reason=f"the run stacks {len(chain)} adapters (its start run's and its own), and "
+                                     "vLLM applies one LoRA adapter per request")
+    return VLLMPlan(base, adapter=str(chain[0]))
 
 
 class VLLMGenerator:
@@ -420,6 +490,7 @@ class VLLMGenerator:
         adapter: str | None = None,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
+        engine_options: dict[str, Any] | None = None,
         name: str | None = None,
     ):
         from tactful.models import resolve_model_path
@@ -437,6 +508,7 @@ class VLLMGenerator:
                 adapter=adapter,
                 dtype=dtype,
                 gpu_memory_utilization=gpu_memory_utilization,
+                engine_options=engine_options,
             )
         )
         self.tokenizer = self.llm.get_tokenizer()
@@ -538,7 +610,7 @@ class OpenAIGenerator:
 # The extra keyword options each backend understands.
 _BACKEND_OPTIONS = {
     "hf": frozenset({"dtype", "device", "trust_remote_code", "chat_template"}),
-    "vllm": frozenset({"dtype", "gpu_memory_utilization"}),
+    "vllm": frozenset({"dtype", "gpu_memory_utilization", "engine_options"}),
     "openai": frozenset({"api_key_env", "concurrency"}),
 }
 
@@ -552,13 +624,17 @@ def make_generator(
     adapter: str | None = None,
     base_url: str | None = None,
     api_model: str | None = None,
+    run: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
     **kw: Any,
 ) -> Generator:
     """Build a generator by backend name.
 
-    hf: an already loaded `model` + `tokenizer`, or `model_spec` (+ `adapter`) to load;
-        extra keywords (dtype, device, ...) go to tactful.models.load_model.
-    vllm: `model_spec` (+ `adapter`); extra keywords: dtype, gpu_memory_utilization.
+    hf: an already loaded `model` + `tokenizer`, or `model_spec` (+ `adapter`) to load, or a
+        training `run`; extra keywords (dtype, device, ...) go to tactful.models.load_model.
+    vllm: `model_spec` (+ `adapter`), or a training `run` (`plan_vllm_run`: its base model and
+        adapter; runs vLLM cannot run, SafeMoE bundles first, fall back to the hf backend with a
+        message to `log`); extra keywords: dtype, gpu_memory_utilization, engine_options.
     openai: `base_url` and `api_model` (defaults to `model_spec`); extra keywords:
         api_key_env, concurrency.
     Every backend takes `name=` to override the name recorded in reports. Options meant
@@ -570,7 +646,24 @@ def make_generator(
     unknown = set(kw) - set().union(*_BACKEND_OPTIONS.values())
     if unknown:
         raise TypeError(f"make_generator got unexpected options: {', '.join(sorted(unknown))}")
+    hf_kw = {k: v for k, v in kw.items() if v is not None and k in _BACKEND_OPTIONS["hf"]}
     kw = {k: v for k, v in kw.items() if v is not None and k in _BACKEND_OPTIONS.get(backend, ())}
+    if backend == "vllm" and run is None and model_spec and _is_run_dir(model_spec):
+        run = model_spec  # a training run given as the model
+    if run is not None and backend in ("hf", "vllm"):  # an endpoint (openai) serves whatever it serves
+        if adapter is not None:
+            raise UserError("give either a training run or an adapter, not both (the run names its own adapter)")
+        if backend == "vllm":
+            plan = plan_vllm_run(run)
+            if plan.model is not None:
+                return VLLMGenerator(plan.model, adapter=plan.adapter, name=name or f"vllm:run:{run}", **kw)
+            log(f"note: vLLM cannot generate with {run}: {plan.reason}; falling back to the hf backend")
+            backend, kw = "hf", hf_kw
+        if backend == "hf":
+            from tactful.runs import load_run_model
+
+            model, tokenizer, desc = load_run_model(run, **{k: v for k, v in kw.items() if k in ("dtype", "device")})
+            return HFGenerator(model, tokenizer, name=name or f"hf:{desc}")
     if backend == "hf":
         if model is not None:
             if tokenizer is None:
@@ -600,3 +693,8 @@ def make_generator(
             raise UserError("the openai backend cannot attach an adapter; serve the adapted model instead")
         return OpenAIGenerator(base_url, api_model, name=name, **kw)
     raise UserError(f"unknown generation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _is_run_dir(spec: str | os.PathLike) -> bool:
+    """A tactful training run directory (model directories have no manifest.json)."""
+    return (Path(spec).expanduser() / "manifest.json").is_file()

@@ -49,6 +49,8 @@ class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int | None = None
     dtype: str = "float32"
+    device: str = "cpu"  # where the hf backend (and multiple-choice scoring) runs: cpu, cuda, cuda:1, ...
+    vllm_options: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keywords, e.g. tensor_parallel_size
     trust_remote_code: bool = False
 
 
@@ -117,11 +119,12 @@ class Evaluator:
         from tactful.models import load_model
 
         if self.config.run:
-            self.model, self.tokenizer, desc = load_run_model(self.config.run)
+            self.model, self.tokenizer, desc = load_run_model(self.config.run, dtype=self.config.dtype,
+                                                              device=self.config.device)
             self.model_desc = desc
         else:
             self.model, self.tokenizer = load_model(self.config.model, adapter=self.config.adapter,
-                                                    dtype=self.config.dtype,
+                                                    dtype=self.config.dtype, device=self.config.device,
                                                     trust_remote_code=self.config.trust_remote_code)
 
     def _ensure_generator(self) -> Any:
@@ -130,12 +133,21 @@ class Evaluator:
         from tactful.eval.generation import HFGenerator, make_generator
 
         c = self.config
-        if c.backend == "hf":
+        fallback = None
+        if c.backend == "vllm" and c.run:
+            from tactful.eval.generation import plan_vllm_run
+
+            fallback = plan_vllm_run(c.run).reason
+        if c.backend == "hf" or fallback:
+            if fallback:
+                self.log(f"note: vLLM cannot generate with {c.run}: {fallback}; falling back to the hf backend "
+                         f"(on {c.device}, {c.dtype})")
             self._ensure_model()
             self.generator = HFGenerator(self.model, self.tokenizer, name=f"hf:{self.model_name()}")
         else:
-            self.generator = make_generator(c.backend, model_spec=c.model, adapter=c.adapter, base_url=c.base_url,
-                                            api_model=c.api_model, api_key_env=c.api_key_env)
+            self.generator = make_generator(c.backend, model_spec=c.model, adapter=c.adapter, run=c.run,
+                                            base_url=c.base_url, api_model=c.api_model, api_key_env=c.api_key_env,
+                                            engine_options=c.vllm_options or None, log=self.log)
         return self.generator
 
     def model_name(self) -> str:
@@ -165,7 +177,10 @@ class Evaluator:
         self.out.write_config(asdict(self.config))
         self.out.write_manifest(kind="eval", base_model=self.config.model, seed=self.config.seed,
                                 extra={"adapter": self.config.adapter, "run": self.config.run,
-                                       "backend": self.config.backend, "suites": manifest_suites})
+                                       "backend": self.config.backend,
+                                       # what really generated (a vllm request may have fallen back to hf)
+                                       "generator": getattr(self.generator, "name", None),
+                                       "suites": manifest_suites})
         merged = self._merge_metrics(results)
         atomic_write_json(self.out / "metrics.json", merged)
         from tactful.eval.report import write_report
