@@ -193,19 +193,27 @@ def eval_cmd(
     seed: int = typer.Option(0, help="Seed for sampling, subsampling and bootstrap intervals."),
     batch_size: int = typer.Option(64, help="Generation batch size."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Override the suites' reply length."),
+    device: str = typer.Option("cpu", help="Where the hf backend and multiple-choice scoring run (cpu, cuda, ...)."),
+    dtype: str = typer.Option("float32", help="Weights dtype for the hf backend: float32, bfloat16, float16, auto."),
+    vllm_option: Optional[List[str]] = typer.Option(None, "--vllm-option", help=(
+        "A vllm.LLM keyword for --backend vllm, key=value (repeatable), e.g. tensor_parallel_size=4.")),
     trust_remote_code: bool = typer.Option(False, help="Allow model repositories to run their own code."),
 ) -> None:
     """Evaluate a model on suites; writes per-item JSONL, metrics with 95% CIs and a Markdown report."""
+    import yaml
+
     from tactful.eval.report import summary_table
     from tactful.eval.runner import EvalConfig, evaluate
 
     judge_options = {}
     if judge_url:
         judge_options = {"base_url": judge_url, "model": judge_model, "api_key_env": judge_key_env}
+    # values are YAML scalars, so tensor_parallel_size=4 is an int and enforce_eager=true a bool
+    vllm_options = {k: yaml.safe_load(v) for k, v in _kv(vllm_option, "--vllm-option").items()}
     cfg = EvalConfig(model=model, adapter=adapter, run=run, suites=_split_list(suite), judge=judge,
                      judge_options=judge_options, backend=backend, base_url=base_url, api_model=api_model,
                      limit=limit, out=out, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     trust_remote_code=trust_remote_code)
+                     device=device, dtype=dtype, vllm_options=vllm_options, trust_remote_code=trust_remote_code)
     with progress_factory() as pf:
         metrics = evaluate(cfg, progress=pf)
     typer.echo(summary_table(metrics))
