@@ -168,6 +168,11 @@ def test_safemoe_run_falls_back_to_hf_with_one_message(fake_vllm, tmp_path, monk
     assert loaded == [(str(run), {"dtype": "float32", "device": "cpu"})]
     assert len(msgs) == 1 and "SafeMoE" in msgs[0] and "falling back to the hf backend" in msgs[0]
 
+    # the run given as the model is the same request
+    msgs.clear()
+    ev = Evaluator(EvalConfig(model=str(run), backend="vllm", out=str(tmp_path / "eval2")), log=msgs.append)
+    assert isinstance(ev._ensure_generator(), HFGenerator) and ev.config.run == str(run) and len(msgs) == 1
+
     # make_generator does the same for callers outside the evaluator
     msgs.clear()
     assert isinstance(make_generator("vllm", run=str(run), log=msgs.append), HFGenerator)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,6 +102,10 @@ class Evaluator:
 
     def __init__(self, config: EvalConfig, *, model: Any = None, tokenizer: Any = None,
                  generator: Any = None, progress: ProgressFactory | None = None, log: Callable[[str], None] = print):
+        from tactful.eval.generation import _is_run_dir
+
+        if config.run is None and config.adapter is None and _is_run_dir(config.model):
+            config = replace(config, run=config.model)  # a training run given as the model
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
