@@ -80,15 +80,27 @@ def setup() -> None:
     """
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or _dist() is not None:
         return
-    import torch
-
-    cpu = not torch.cuda.is_available()
+    cpu = _no_accelerator()
     if cpu:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     from accelerate import PartialState
 
     timeout = timedelta(seconds=float(os.environ.get(PG_TIMEOUT_ENV, DEFAULT_PG_TIMEOUT_S)))
     PartialState(cpu=cpu, timeout=timeout)
+
+
+def _no_accelerator() -> bool:
+    """No device accelerate would put a process on (CUDA, XPU, NPU, MLU, MUSA): CPU processes."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    try:
+        from accelerate.utils import is_mlu_available, is_musa_available, is_npu_available, is_xpu_available
+    except ImportError:
+        return True
+    return not any(available() for available in (is_xpu_available, is_npu_available, is_mlu_available,
+                                                 is_musa_available))
 
 
 def barrier() -> None:
