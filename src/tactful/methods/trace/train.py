@@ -151,8 +151,9 @@ def check_trace_config(config: TraceConfig) -> None:
     if config.data.flip_fraction:
         raise UserError("data.flip_fraction must be 0 for trace: the policy judge, not random flips, decides which "
                         "pairs change")
-    if config.precompute_ref_logps:
-        raise UserError("precompute_ref_logps is not supported by trace: the KL term needs reference logits")
+    if config.precompute_ref_logps or config.ref_logps_cache:
+        raise UserError("precompute_ref_logps / ref_logps_cache are not supported by trace: the KL term needs "
+                        "reference logits")
     if t.alpha_kl < 0:
         raise UserError(f"trace.alpha_kl must be >= 0, got {t.alpha_kl}")
     if t.gamma <= 0:
@@ -309,8 +310,10 @@ class TraceTrainer(PreferenceTrainer):
         return losses, metrics
 
     def aggregate(self, losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # L is a sum over pairs: the impact weights are normalised over the whole data set.
-        return losses.sum()
+        # L is a sum over pairs: the impact weights are normalised over the whole data set. Each
+        # process sums its share of the global batch and DDP averages the gradients, so scaling
+        # by the process count gives the gradient of the sum over the global batch.
+        return losses.sum() * self.accelerator.num_processes
 
     def store_metrics(self, metrics: dict[str, torch.Tensor]) -> None:
         # "trace/" metrics are [sum, count]; every process gathers every key (a collective that
