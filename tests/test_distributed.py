@@ -328,6 +328,37 @@ def test_metric_means_and_main_process_hand_overs(two_process_run):
         assert got["error"].startswith(expected)
 
 
+def test_engine_detection_and_methods_that_need_whole_weights_stop_early(monkeypatch, tmp_path):
+    from tactful import distributed
+    from tactful.errors import UserError
+    from tactful.methods.refusal_guard.train import RefusalGuardConfig, train_refusal_guard
+    from tactful.methods.safemoe import SafeMoEConfig, train_safemoe
+    from tactful.methods.shapo import ShaPOConfig, train_shapo
+
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.sharding_engine() is None and distributed.engine_name() == "single process"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds_json))  # the stage from a DeepSpeed json
+    assert distributed.sharding_engine() == "DeepSpeed ZeRO-3"
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert distributed.sharding_engine() is None and distributed.engine_name() == "DeepSpeed ZeRO-2"
+    with pytest.raises(UserError, match="does not support DeepSpeed"):
+        train_refusal_guard(RefusalGuardConfig(output_dir=str(tmp_path / "rg")))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(UserError, match="safemoe does not support DeepSpeed ZeRO-3"):
+        train_safemoe(SafeMoEConfig(output_dir=str(tmp_path / "moe")))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="shapo does not support FSDP.*ddp.yaml"):
+        train_shapo(ShaPOConfig(output_dir=str(tmp_path / "shapo")))
+    assert not any(tmp_path.glob("*/manifest.json"))  # stopped before writing anything
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker(sys.argv[2])

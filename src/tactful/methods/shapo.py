@@ -497,7 +497,6 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
         raise UserError(f"shapo.sam_interval must be >= 1, got {s.sam_interval}")
     if s.perturbation == "official" and not 0 <= s.gamma_min <= s.gamma_max:
         raise UserError("shapo.gamma_min must be in [0, shapo.gamma_max]")
-    require_unsharded("shapo", "its perturbation hooks and probe read whole down-projection weights")
     model, run, log = setup.model, setup.run, setup.log
     modules = down_projections(model)
     probe_path, mask_path = run.path / "shapo_probe.safetensors", run.path / "shapo_mask.safetensors"
@@ -559,6 +558,7 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
 
 def train_shapo(config: ShaPOConfig, **kw: Any) -> tuple[Any, RunDir]:
     """Train ShaPO (see `tactful.methods.preference.train_preference` for the keywords)."""
+    require_unsharded("shapo", "its perturbation hooks and probe read whole down-projection weights")
     return train_preference(config, kind="shapo", trainer_class=ShaPOTrainer, prepare=prepare_shapo, **kw)
 
 
