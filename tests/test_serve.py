@@ -220,6 +220,51 @@ def test_bad_requests_get_4xx_in_openai_shape_and_the_server_keeps_serving(serve
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+class _SlowGenerator:
+    """Stands in for HFGenerator in the worker: every batch takes `seconds`, sizes are recorded."""
+
+    stop_ids = {2}
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.sizes: list[int] = []
+
+    def _generate_batch(self, rows, seeds, config, progress):
+        self.sizes.append(len(rows))
+        time.sleep(self.seconds)
+        return [[5] * config.max_new_tokens for _ in rows]
+
+    def decode(self, ids):
+        return "x" * len(ids)
+
+
+def test_split_batches_merge_when_their_clients_come_back():
+    """Four steady clients, one of them first: the batches start split 1 + 3. Each client
+    sends its next request 40 ms after its reply, later than the 10 ms window, so only the
+    follow-up rule (wait for the clients the last batch answered) can merge the two groups."""
+    from tactful.serve.validation import ChatRequest
+    from tactful.serve.worker import BatchWorker
+
+    gen = _SlowGenerator(1.0)
+    worker = BatchWorker(gen, max_batch_size=16, batch_wait_s=0.01)
+    worker.start()
+    request = ChatRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
+
+    def client(delay: float) -> None:
+        time.sleep(delay)
+        for _ in range(4):
+            assert worker.submit([1, 2, 3], request).result(timeout=60).completion_tokens == 2
+            time.sleep(0.04)
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, [0.0, 0.3, 0.3, 0.3]))
+    finally:
+        worker.close()
+    assert gen.sizes[:2] == [1, 4] and gen.sizes[1:4] == [4, 4, 4], gen.sizes
+    assert sum(gen.sizes) == 16 and worker.stats()["requests_completed"] == 16
+
+
 def test_missing_web_stack_is_one_line_and_exit_2(monkeypatch, capsys):
     from tactful.cli import main
 

@@ -109,6 +109,7 @@ def serve(
     max_batch_size: int = typer.Option(16, help="Most requests generated together in one batch."),
     max_prompt_tokens: Optional[int] = typer.Option(None, help="Longer prompts get a 400 (default: 2048, or less to fit the model's context)."),
     max_new_tokens: int = typer.Option(512, help="Cap on a reply's length (a request's max_tokens is clamped to it)."),
+    batch_wait_ms: float = typer.Option(20.0, help="How long a batch waits for more requests to join it."),
     device: str = typer.Option("cpu", help="Device to run the model on (cpu, cuda, cuda:1, ...)."),
     dtype: str = typer.Option("float32", help="Weights dtype: float32, bfloat16, float16 or auto."),
     chat_template: Optional[str] = typer.Option(None, help="Chat template (Jinja text or a .jinja file) for tokenizers without one."),
@@ -119,8 +120,9 @@ def serve(
 
     serve_command(model=model, adapter=adapter, run=run, host=host, port=port, model_name=model_name,
                   max_batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens,
-                  max_new_tokens=max_new_tokens, device=device, dtype=dtype, chat_template=chat_template,
-                  trust_remote_code=trust_remote_code, announce=lambda line: typer.echo(line, err=True))
+                  max_new_tokens=max_new_tokens, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype,
+                  chat_template=chat_template, trust_remote_code=trust_remote_code,
+                  announce=lambda line: typer.echo(line, err=True))
 
 
 # ---------------------------------------------------------------- data

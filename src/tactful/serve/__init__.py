@@ -44,6 +44,7 @@ def serve_command(
     max_batch_size: int = 16,
     max_prompt_tokens: int | None = None,
     max_new_tokens: int = 512,
+    batch_wait_ms: float = 20.0,
     device: str = "cpu",
     dtype: str = "float32",
     chat_template: str | None = None,
@@ -59,6 +60,8 @@ def serve_command(
                         ("max-new-tokens", max_new_tokens)):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
+    if not 0 <= batch_wait_ms <= 10_000:
+        raise UserError(f"--batch-wait-ms must be in 0-10000, got {batch_wait_ms}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0-65535, got {port}")
     if run and adapter:
@@ -84,7 +87,8 @@ def serve_command(
     max_prompt_tokens = _fit_context(m, max_prompt_tokens, max_new_tokens)
 
     server = ChatServer(m, tok, model_name=name, max_batch_size=max_batch_size,
-                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                        batch_wait_s=batch_wait_ms / 1000)
     server.bind(host, port)
     server.serve_forever(on_ready=lambda: announce(
         f"serving {description} as model {name!r} at {server.base_url} "

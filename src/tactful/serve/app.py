@@ -192,7 +192,7 @@ class ChatServer:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str, max_batch_size: int = 16,
-                 max_prompt_tokens: int = 2048, max_new_tokens: int = 512, batch_wait_s: float = 0.005,
+                 max_prompt_tokens: int = 2048, max_new_tokens: int = 512, batch_wait_s: float = 0.02,
                  log_level: str = "info", access_log: bool = True):
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("this tokenizer has no chat template; pass one with --chat-template FILE")

@@ -154,6 +154,8 @@ def _messages(value: Any) -> list[dict[str, str]]:
         extra = sorted(k for k, v in msg.items() if k not in _MESSAGE_KEYS and v is not None)
         if extra:
             raise RequestError(f"{where} has unsupported field(s): {', '.join(extra)}", param=f"{where}.{extra[0]}")
+        if msg.get("name") is not None and not isinstance(msg["name"], str):
+            raise RequestError(f"{where}.name must be a string, got {_type_name(msg['name'])}", param=f"{where}.name")
         if "content" not in msg or msg["content"] is None:
             raise RequestError(f"{where}.content is required", param=f"{where}.content")
         # Chat templates know "system"; "developer" is OpenAI's newer name for the same turn.
