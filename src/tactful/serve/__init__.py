@@ -67,6 +67,22 @@ def serve_command(
     if run and adapter:
         raise UserError("--adapter cannot be combined with --run (a run brings its own adapters)")
 
+    from tactful.serve.app import bind_socket
+
+    sock = bind_socket(host, port)  # a busy port fails now, not after loading the model
+    try:
+        _serve_on(sock, model=model, adapter=adapter, run=run, model_name=model_name,
+                  max_batch_size=max_batch_size, max_prompt_tokens=max_prompt_tokens,
+                  max_new_tokens=max_new_tokens, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype,
+                  chat_template=chat_template, trust_remote_code=trust_remote_code, announce=announce)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock: Any, *, model: str, adapter: str | None, run: str | None, model_name: str | None,
+              max_batch_size: int, max_prompt_tokens: int | None, max_new_tokens: int, batch_wait_ms: float,
+              device: str, dtype: str, chat_template: str | None, trust_remote_code: bool,
+              announce: Callable[[str], None]) -> None:
     from tactful.models import load_model
     from tactful.serve.app import ChatServer
 
@@ -89,7 +105,7 @@ def serve_command(
     server = ChatServer(m, tok, model_name=name, max_batch_size=max_batch_size,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                         batch_wait_s=batch_wait_ms / 1000)
-    server.bind(host, port)
+    server.adopt(sock)
     server.serve_forever(on_ready=lambda: announce(
         f"serving {description} as model {name!r} at {server.base_url} "
         f"(batches of up to {max_batch_size}); Ctrl-C stops after the requests in flight"))

@@ -183,6 +183,20 @@ def _swallow_signal(signum: int, frame: Any) -> None:
     pass
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket's bind, done before anything slow (loading a model) so that a port
+    in use fails at once. Port 0 picks a free one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 class ChatServer:
     """A model behind an OpenAI-compatible endpoint: one batching worker plus uvicorn.
 
@@ -219,16 +233,13 @@ class ChatServer:
 
     def bind(self, host: str = "127.0.0.1", port: int = 8000) -> tuple[str, int]:
         """Bind the listening socket now (port 0 picks a free one) and return the real address."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        return self.adopt(bind_socket(host, port))
+
+    def adopt(self, sock: socket.socket) -> tuple[str, int]:
+        """Serve on an already bound socket (see `bind_socket`); returns its address."""
         self._sock = sock
-        self.address = (host, sock.getsockname()[1])
+        host, port = sock.getsockname()[:2]
+        self.address = (host, port)
         return self.address
 
     def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
