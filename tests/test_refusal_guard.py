@@ -491,6 +491,11 @@ def test_pipeline_end_to_end_and_run_loading(tiny_dir, tmp_path):
     for site in attention_sites(model, [1, 2]):
         assert in_space_residual(effective_delta(site.out_proj), subs[site.layer].U) < 1e-5
         assert effective_delta(site.out_proj).abs().max() > 0
+    # A second run sharing these SAEs reports the same SAE metrics as the run that trained them.
+    shared = train_recipe(str(recipe), _overrides(tiny_dir, tmp_path / "rg2", f"sae.pretrained={run.path / 'sae'}"),
+                          log=lambda _: None)
+    m2 = read_manifest(shared.path)
+    assert m2["sae_pretrained"] == str(run.path / "sae") and m2["sae"] == m["sae"] and set(m["sae"]) == {"1", "2"}
 
 
 def test_start_from_aligned_run_and_safelora(tiny_dir, tmp_path):

@@ -362,7 +362,11 @@ def _get_saes(config: RefusalGuardConfig, start: StartModel, run: RunDir, layers
                 raise UserError(f"SAE for layer {layer} in {s.pretrained} has d_in {sae.cfg.d_in}, but the model's "
                                 f"o_proj input has {d_in} features")
         log(f"using pretrained SAEs from {s.pretrained} for layer(s) {sorted(saes)}")
-        return saes, {"pretrained": s.pretrained}
+        # SAEs trained by tactful carry their held-out metrics in cfg.json; report them as a
+        # freshly trained run would, so runs sharing one set of SAEs stay comparable.
+        metrics = {str(layer): sae.cfg.extra["metrics"] for layer, sae in sorted(saes.items())
+                   if isinstance(sae.cfg.extra.get("metrics"), dict)}
+        return saes, {"pretrained": s.pretrained, **({"metrics": metrics} if metrics else {})}
     sae_dir = run.path / "sae"
     if config.resume and (sae_dir / "summary.json").is_file():
         summary = run.read_json("sae/summary.json")
@@ -412,6 +416,8 @@ def build_subspaces(config: RefusalGuardConfig, start: StartModel, run: RunDir, 
                 for layer, d in dirs.items()}, info
     saes, summary = _get_saes(config, start, run, layers, log)
     info["sae"] = summary.get("metrics", summary)
+    if summary.get("pretrained"):
+        info["sae_pretrained"] = summary["pretrained"]
     truth = _mc_items(f.truthfulness, f.split) if f.truthfulness and f.n_hallucination > 0 else []
     selection = select_features(start.model, start.tokenizer, saes, harmful=harmful, harmless=harmless,
                                 truthfulness=truth, n_refusal=f.n_refusal, n_hallucination=f.n_hallucination,
