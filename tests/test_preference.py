@@ -268,3 +268,31 @@ def test_precomputed_and_separate_references_match_disabled_adapters(tiny_dir):
         want = concatenated_logps(ref, batch)
     assert torch.allclose(batch["ref_chosen_logps"], want.chosen, atol=1e-4)
     assert torch.allclose(batch["ref_rejected_logps"], want.rejected, atol=1e-4)
+
+
+def test_reference_cache_scores_each_response_once_across_runs(tmp_path, tiny_dir):
+    """Runs sharing a ref_logps_cache score each response once, whatever labels they flip, and
+    train exactly as a run that precomputes its own reference log-probs."""
+    quiet = lambda s: None  # noqa: E731
+    cache = tmp_path / "ref_logps.jsonl"
+    pairs = make_pairs(8)
+
+    def run(name: str, flip: float, **kw):
+        cfg = config(tmp_path / name, tiny_dir, **kw)
+        cfg.data.flip_fraction = flip
+        model, tok = tiny_model(0)
+        _, r = train_dpo(cfg, model=model, tokenizer=tok, pairs=pairs, log=quiet)
+        return r.path, json.loads((r.path / "manifest.json").read_text())
+
+    _, first = run("a", 0.0, ref_logps_cache=str(cache))
+    assert first["ref_logps_cache"]["pairs_from_cache"] == 0
+    rows = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert len(rows) == 16 and len({r["key"] for r in rows}) == 16  # 8 pairs x (chosen, rejected)
+
+    cached, second = run("b", 0.5, ref_logps_cache=str(cache))
+    assert second["ref_logps_cache"]["pairs_from_cache"] == 8 and len(cache.read_text().splitlines()) == 16
+    own, _ = run("c", 0.5, precompute_ref_logps=True)
+    a = load_file(str(cached / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(own / "adapter" / "adapter_model.safetensors"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

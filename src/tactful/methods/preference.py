@@ -117,6 +117,10 @@ class DPOConfig:
         "or a model spec / tactful run directory to use as a frozen reference")})
     precompute_ref_logps: bool = field(default=False, metadata={
         "help": "Score every pair with the reference once before training (no reference forward per step)."})
+    ref_logps_cache: str | None = field(default=None, metadata={"help": (
+        "A JSONL file of reference log-probs shared by runs with the same reference model, system prompt and "
+        "max_length (the arms of a sweep over losses or label noise): each response is scored once for all of "
+        "them. Implies precompute_ref_logps.")})
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=_dpo_training)
     resume: bool = True
@@ -330,23 +334,75 @@ def _eval_mode_logps(model: Any, batch: dict[str, torch.Tensor]) -> PairLogps:
         model.train(was_training)
 
 
+class RefLogpsCache:
+    """Reference log-probs of responses in a JSONL file, keyed by (reference identity, prompt,
+    response). Keys are per response, not per pair, so runs that flip different labels share them.
+    Only the main process appends; every process reads."""
+
+    def __init__(self, path: str | Path, reference: str):
+        from tactful.io import read_jsonl_tolerant
+
+        self.path = Path(path)
+        self.reference = reference
+        self.values = {row["key"]: float(row["logp"]) for row in read_jsonl_tolerant(self.path)
+                       if "key" in row and "logp" in row}
+        self.hits = 0
+
+    def key(self, prompt: str, response: str) -> str:
+        import hashlib
+        import json
+
+        blob = json.dumps([self.reference, prompt, response], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def put(self, rows: Sequence[tuple[str, float]]) -> None:
+        from tactful.distributed import is_main_process
+        from tactful.io import append_jsonl
+
+        for k, v in rows:
+            self.values[k] = v
+            if is_main_process():
+                append_jsonl(self.path, {"key": k, "logp": v})
+
+
+def reference_identity(config: DPOConfig, start: StartModel) -> str:
+    """What a reference log-prob depends on besides the text: the reference weights, the chat
+    formatting and truncation."""
+    import json
+
+    ref = start.name if config.reference == "base" else f"reference:{config.reference}"
+    return json.dumps({"reference": ref, "system": config.system, "max_length": config.training.max_length})
+
+
 @torch.no_grad()
 def precompute_reference_logps(ref: Any, dataset: PairDataset, collator: PairCollator, *, batch_size: int,
-                               device: Any = None, use_disabled_adapter: bool = False) -> None:
+                               device: Any = None, use_disabled_adapter: bool = False,
+                               cache: RefLogpsCache | None = None) -> None:
     """Score every pair with the reference once and store ref_chosen_logps / ref_rejected_logps
-    columns, so training runs no reference forward (trl's precompute_ref_log_probs)."""
-    chosen: list[float] = []
-    rejected: list[float] = []
+    columns, so training runs no reference forward (trl's precompute_ref_log_probs). With a
+    cache, only pairs with a response it lacks are scored, and their scores are added to it."""
+    keys = ([(cache.key(p.prompt, p.chosen), cache.key(p.prompt, p.rejected)) for p in dataset.pairs]
+            if cache is not None else [])
+    todo = [i for i in range(len(dataset)) if cache is None or keys[i][0] not in cache.values
+            or keys[i][1] not in cache.values]
+    scored: dict[int, tuple[float, float]] = {}
     ctx = ref.disable_adapter() if use_disabled_adapter else contextlib.nullcontext()
     with ctx:
-        for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        for start in range(0, len(todo), batch_size):
+            idx = todo[start:start + batch_size]
+            batch = collator([dataset[i] for i in idx])
             batch = {k: v.to(device) if device is not None else v for k, v in batch.items()}
             out = _eval_mode_logps(ref, batch)
-            chosen.extend(out.chosen.tolist())
-            rejected.extend(out.rejected.tolist())
-    dataset.add_column("ref_chosen_logps", chosen)
-    dataset.add_column("ref_rejected_logps", rejected)
+            for i, c, r in zip(idx, out.chosen.tolist(), out.rejected.tolist()):
+                scored[i] = (c, r)
+            if cache is not None:
+                cache.put([(keys[i][j], scored[i][j]) for i in idx for j in (0, 1)])
+    if cache is not None:
+        cache.hits += len(dataset) - len(todo)
+    values = [scored[i] if i in scored else (cache.values[keys[i][0]], cache.values[keys[i][1]])  # type: ignore[union-attr]
+              for i in range(len(dataset))]
+    dataset.add_column("ref_chosen_logps", [c for c, _ in values])
+    dataset.add_column("ref_rejected_logps", [r for _, r in values])
 
 
 # ---------------------------------------------------------------- the training run
@@ -477,11 +533,17 @@ def train_preference(
     if prepare is not None:
         prepare(setup)
 
-    if config.precompute_ref_logps and spec.needs_reference:
-        log(f"scoring {len(dataset)} pairs with the reference model")
+    ref_cache = None
+    if (config.precompute_ref_logps or config.ref_logps_cache) and spec.needs_reference:
+        if config.ref_logps_cache:
+            ref_cache = RefLogpsCache(config.ref_logps_cache, reference_identity(config, start))
+        log(f"scoring {len(dataset)} pairs with the reference model"
+            + (f" (cache {config.ref_logps_cache})" if ref_cache is not None else ""))
         precompute_reference_logps(ref_model if ref_model is not None else model, dataset, collator,
                                    batch_size=config.training.per_device_train_batch_size, device=args.device,
-                                   use_disabled_adapter=ref_model is None)
+                                   use_disabled_adapter=ref_model is None, cache=ref_cache)
+        if ref_cache is not None:
+            log(f"reference log-probs: {ref_cache.hits} of {len(dataset)} pairs from the cache")
         ref_model = None  # not needed any more: free it
 
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator, loss=spec,
@@ -510,6 +572,8 @@ def train_preference(
                "loss": {"name": spec.name, "beta": spec.beta, "eps": spec.eps, "gamma": spec.gamma,
                         "drdpo_beta_prime": config.loss.beta_prime if config.loss.drdpo else None},
                "reference": config.reference, "precompute_ref_logps": config.precompute_ref_logps,
+               "ref_logps_cache": ({"file": config.ref_logps_cache, "pairs_from_cache": ref_cache.hits}
+                                   if ref_cache is not None else None),
                "train_loss": result.training_loss, "steps": trainer.state.global_step,
                **setup.manifest, "status": "complete"},
     )

@@ -151,8 +151,9 @@ def check_trace_config(config: TraceConfig) -> None:
     if config.data.flip_fraction:
         raise UserError("data.flip_fraction must be 0 for trace: the policy judge, not random flips, decides which "
                         "pairs change")
-    if config.precompute_ref_logps:
-        raise UserError("precompute_ref_logps is not supported by trace: the KL term needs reference logits")
+    if config.precompute_ref_logps or config.ref_logps_cache:
+        raise UserError("precompute_ref_logps / ref_logps_cache are not supported by trace: the KL term needs "
+                        "reference logits")
     if t.alpha_kl < 0:
         raise UserError(f"trace.alpha_kl must be >= 0, got {t.alpha_kl}")
     if t.gamma <= 0:
