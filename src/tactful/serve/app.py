@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
 import socket
 import threading
@@ -35,8 +34,6 @@ from tactful.eval.generation import HFGenerator
 from tactful.models import format_chat
 from tactful.serve.validation import RequestError, parse_chat_request
 from tactful.serve.worker import BatchWorker, WorkerClosed
-
-log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt a 2k-32k-token context can hold
 
