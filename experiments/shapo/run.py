@@ -1,0 +1,388 @@
+"""ShaPO experiment: is sharpness-aware preference optimisation on probe-selected neurons robust
+to noisy preference labels?
+
+    python experiments/shapo/run.py                       # 6 methods x {0%, 30%} flipped labels, seed 0
+    python experiments/shapo/run.py --seeds 0 1 2         # more seeds (each seed also flips other pairs)
+    python experiments/shapo/run.py --quick               # smoke test: a few steps, 4 eval items, runs/ only
+
+From the safety-SFT start (runs/exp-dcr/sft-seed<seed>, shared with the DCR experiment), every
+arm trains a LoRA adapter with the same budget on the same PKU-SafeRLHF safety pairs (one
+response safe, one unsafe), with 0% or 30% of the pair labels flipped: DPO, cDPO, rDPO, Dr.DPO,
+ShaPO and Dr.DPO + ShaPO. Metrics on prompts no arm trained on: safety (refusal rate) on held-out
+PKU-SafeRLHF prompts (in-distribution), on the built-in harmful test split and on AdvBench
+(out-of-distribution); compliance on the built-in seemingly-toxic test split (over-refusal);
+built-in multiple-choice capability. Win rate against the dataset's safe answer needs an LLM
+judge endpoint (--judge-url); without one it is not run. Judge: embedding-minilm (offline).
+
+Raw outputs go to runs/exp-shapo/ (not committed); aggregates, per-arm diagnostics (probe
+accuracy, mask size, perturbation norms), the split description, timings and summary.md go to
+experiments/shapo/results/. Finished arms are skipped, so the script resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from common import (  # noqa: E402
+    ADVBENCH,
+    check_public_suites,
+    copy_aggregates,
+    evaluate,
+    is_complete,
+    safety_sft_start,
+    summarise,
+    train,
+)
+
+PKU_FILE = ROOT.parent / "shared" / "data" / "pku_saferlhf_test_safety_pairs_5k.json"
+
+# method -> (recipe, extra overrides); "{eps}" is the flip rate cDPO / rDPO are told.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "dpo": ("dpo.yaml", []),
+    "cdpo": ("dpo.yaml", ["loss.name=cdpo", "loss.label_smoothing={eps}"]),
+    "rdpo": ("dpo.yaml", ["loss.name=rdpo", "loss.label_smoothing={eps}"]),
+    "drdpo": ("dpo.yaml", ["loss.drdpo=true"]),
+    "shapo": ("shapo.yaml", []),
+    "drdpo-shapo": ("shapo.yaml", ["loss.drdpo=true"]),
+}
+SAFETY_SUITES = ("pku-heldout", "safety", "advbench")
+SUITE_ORDER = ["pku-heldout", "safety", "advbench", "over-refusal", "capability"]
+
+# Seconds on 2 free cores, from CPU seconds measured with one thread on this (shared) machine
+# divided by 1.7 (see README, "Budget"): a training step at batch 4 with cached reference
+# log-probs (ShaPO: every 5th step has a second forward and backward), scoring one pair with
+# the reference (once, for all arms), ShaPO's probe, one arm's evaluation at the default sizes,
+# loading and saving. Only for the estimate printed before a run; timings.json has the real ones.
+CALIBRATION = {"dpo_step_s": 5.0, "shapo_step_s": 6.0, "ref_pair_s": 0.45, "probe_s": 15.0, "eval_s": 65.0,
+               "overhead_s": 10.0}
+
+
+def arm_name(method: str, noise: float) -> str:
+    return f"{method}-noise{round(100 * noise)}"
+
+
+def label_smoothing(noise: float) -> float:
+    # cDPO / rDPO are told the true flip rate (an advantage the other arms do not get); at 0% noise
+    # the conventional 0.1, since eps = 0 makes both plain DPO.
+    return noise if noise > 0 else 0.1
+
+
+def write_suites(runs: Path, heldout: Path, n_gen: int, n_pku: int, n_mc: int) -> list[str]:
+    """Suite files for this experiment (the generative suites capped at n items, seeded)."""
+    import yaml
+
+    from tactful.eval.suites import load_suite
+
+    sdir = runs / "suites"
+    sdir.mkdir(parents=True, exist_ok=True)
+    adv = load_suite(ADVBENCH)
+    specs = {
+        "pku-heldout": {"name": "pku-heldout", "dataset": str(heldout), "n": n_pku, "expected": "refuse",
+                        "description": "PKU-SafeRLHF prompts held out from training (split by prompt; "
+                                       "in-distribution). Metric = share refused.",
+                        "judge": "embedding-minilm", "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
+        "safety": {"name": "safety", "dataset": "builtin-harmful", "split": "test", "n": n_gen, "expected": "refuse",
+                   "description": "Built-in harmful test prompts (out-of-distribution for PKU training). "
+                                  "Metric = share refused.",
+                   "judge": "embedding-minilm", "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
+        "advbench": {"name": "advbench", "dataset": "advbench", "path": str(Path(adv.path).resolve()), "n": n_gen,
+                     "expected": "refuse", "description": adv.description.split(",")[0] + f", seeded subsample of "
+                     f"{n_gen}. Metric = share refused.",
+                     "judge": adv.judge, "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
+        "over-refusal": {"name": "over-refusal", "dataset": "builtin-seemingly-toxic", "split": "test", "n": n_gen,
+                         "expected": "comply", "description": "Built-in seemingly-toxic test prompts. Metric = "
+                                                              "share fully complied with.",
+                         "judge": "embedding-minilm", "metric": "compliance_rate",
+                         "generation": {"max_new_tokens": 64}},
+        "capability": {"name": "capability", "dataset": "builtin-capability", "split": "test", "n": n_mc,
+                       "expected": "multiple-choice", "metric": "accuracy",
+                       "description": "Built-in multiple-choice questions (test split), a sanity check of the "
+                                      "budget's side effects; scored by log-likelihood. Metric = accuracy."},
+    }
+    paths = []
+    for name in SUITE_ORDER:
+        p = sdir / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(specs[name], sort_keys=False))
+        paths.append(str(p))
+    return paths
+
+
+def train_arm(method: str, noise: float, seed: int, *, start: Path, pairs: Path, runs: Path, steps: int,
+              batch: int, shapo: list[str], extra: list[str]) -> Path:
+    recipe, method_overrides = METHODS[method]
+    eps = label_smoothing(noise)
+    # Every arm has the same start and pairs, so the reference log-probs are scored once, by the
+    # first arm, and read by the rest (keys are per response: label flips do not matter).
+    overrides = [f"seed={seed}", f"start_from={start}", f"data.sources=[{pairs}]", "data.n=null",
+                 f"ref_logps_cache={pairs.parent / 'ref_logps.jsonl'}",
+                 f"data.flip_fraction={noise}", f"data.flip_seed={seed}", f"training.max_steps={steps}",
+                 f"training.per_device_train_batch_size={batch}", "training.save_steps=20",
+                 "training.logging_steps=5", *[o.format(eps=eps) for o in method_overrides]]
+    if recipe == "shapo.yaml":
+        overrides += shapo
+    return train(recipe, runs / f"{arm_name(method, noise)}-seed{seed}", [*overrides, *extra])
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def diagnostics(run_dir: Path) -> dict[str, Any]:
+    """What the committed results keep about training: loss, reward accuracy, label noise and, for
+    ShaPO, the probe, the mask and the perturbation sizes."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    log = json.loads((run_dir / "train_log.json").read_text())
+    steps = [r for r in log if "loss" in r]
+    out: dict[str, Any] = {
+        "steps": manifest.get("steps"), "train_loss": manifest.get("train_loss"),
+        "label_noise": manifest.get("label_noise"), "loss": manifest.get("loss"),
+        "start_from": manifest.get("start_from"),
+        "last_logged": {k: steps[-1][k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in steps[-1]}
+        if steps else None,
+    }
+    if "shapo" in manifest:
+        s = manifest["shapo"]
+        out["shapo"] = {
+            "probe": s.get("probe"), "mask": {k: s["mask"][k] for k in ("n_selected", "per_layer", "sign", "fraction")},
+            "sam": s.get("sam"),
+            "eps_norm": _stats([r["shapo/eps_norm"] for r in steps if "shapo/eps_norm" in r]),
+            "grad_norm_selected": _stats([r["shapo/grad_norm_selected"] for r in steps
+                                          if "shapo/grad_norm_selected" in r]),
+            "scale": _stats([r["shapo/scale"] for r in steps if "shapo/scale" in r]),
+        }
+    return out
+
+
+def flags(eval_dir: Path, suite: str) -> dict[str, float]:
+    """Per-item success (refused) of a refusal suite, by item id."""
+    path = eval_dir / suite / "items.jsonl"
+    out = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        v = row["verdict"]
+        if not v.get("error"):
+            out[row["id"]] = 1.0 if v.get("refused") else 0.0
+    return out
+
+
+def claim_table(runs: Path, pairs_to_compare: list[tuple[str, str]], seeds: list[int]) -> str:
+    """Paired differences (same prompts) of safety between two arms, per suite, with a bootstrap CI."""
+    from tactful.eval.metrics import paired_difference
+
+    lines = ["| comparison | seed | " + " | ".join(SAFETY_SUITES) + " |", "|---|---|" + "---|" * len(SAFETY_SUITES)]
+    for a, b in pairs_to_compare:
+        for seed in seeds:
+            ea, eb = runs / f"{a}-seed{seed}" / "eval", runs / f"{b}-seed{seed}" / "eval"
+            if not ((ea / "metrics.json").exists() and (eb / "metrics.json").exists()):
+                continue
+            cells = []
+            for suite in SAFETY_SUITES:
+                fa, fb = flags(ea, suite), flags(eb, suite)
+                ids = sorted(set(fa) & set(fb))
+                d = paired_difference([fa[i] for i in ids], [fb[i] for i in ids], seed=seed)
+                cells.append("—" if d.value is None else
+                             f"{100 * d.value:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] n={d.n}")
+            lines.append(f"| {a} − {b} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def shapo_table(results: Path, arms: list[str], seeds: list[int]) -> str:
+    """Probe accuracy, mask size and perturbation sizes of the ShaPO arms."""
+    lines = ["| arm | seed | probe acc. train / held-out (n) | neurons | SAM steps | eps norm | grad norm on mask |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        for seed in seeds:
+            path = results / f"{arm}-seed{seed}" / "train_diagnostics.json"
+            if not path.exists() or "shapo" not in json.loads(path.read_text()):
+                continue
+            d = json.loads(path.read_text())["shapo"]
+            pr, eps, g = d["probe"] or {}, d["eps_norm"] or {}, d["grad_norm_selected"] or {}
+            held = pr.get("heldout_accuracy")
+            probe = (f"{pr.get('train_accuracy', float('nan')):.2f} / "
+                     f"{'—' if held is None else f'{held:.2f}'} ({pr.get('n_train')}+{pr.get('n_heldout')})"
+                     if "train_accuracy" in pr else "reused")
+            lines.append(f"| {arm} | {seed} | {probe} | {d['mask']['n_selected']} | {eps.get('n', 0)} | "
+                         f"{eps.get('mean', float('nan')):.3g} | {g.get('mean', float('nan')):.3g} |")
+    return "\n".join(lines)
+
+
+def estimate_s(methods: list[str], noises: list[float], seeds: list[int], steps: int, batch: int, runs: Path,
+               with_start: bool) -> float:
+    c = CALIBRATION
+    cache = runs / "data" / "ref_logps.jsonl"
+    cached = len(cache.read_text().splitlines()) // 2 if cache.exists() else 0
+    total = max(0, len(seeds) * steps * batch - cached) * c["ref_pair_s"]
+    for seed in seeds:
+        if with_start and not (runs / f"start-seed{seed}" / "eval" / "metrics.json").exists():
+            total += CALIBRATION["eval_s"]
+        for noise in noises:
+            for m in methods:
+                d = runs / f"{arm_name(m, noise)}-seed{seed}"
+                if not is_complete(d):
+                    per = c["shapo_step_s"] if "shapo" in m else c["dpo_step_s"]
+                    total += steps * per + c["overhead_s"] + (c["probe_s"] if "shapo" in m else 0.0)
+                if not (d / "eval" / "metrics.json").exists():
+                    total += CALIBRATION["eval_s"]
+    return total
+
+
+def run_win_rates(args: argparse.Namespace, runs: Path, heldout: Path, arms: list[str], seeds: list[int]) -> dict:
+    from tactful.eval.http_client import ChatClient
+    from winrate import win_rate
+
+    client = ChatClient(args.judge_url, args.judge_model, api_key_env=args.judge_key_env)
+    refs = {}
+    for line in heldout.read_text().splitlines():
+        row = json.loads(line)
+        refs[row["id"]] = (row["prompt"], row["meta"]["reference"])
+    out = {}
+    for arm in arms:
+        for seed in seeds:
+            gen = runs / f"{arm}-seed{seed}" / "eval" / "pku-heldout" / "generations.jsonl"
+            if not gen.exists():
+                continue
+            rows = [json.loads(x) for x in gen.read_text().splitlines()]
+            items = [(refs[r["id"]][0], r["response"], refs[r["id"]][1]) for r in rows if r["id"] in refs]
+            out[f"{arm}-seed{seed}"] = {**win_rate(client, items, seed=seed), "judge": args.judge_model}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--arms", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to train")
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3], help="fractions of flipped labels")
+    ap.add_argument("--steps", type=int, default=16, help="optimizer steps for every arm (batch --batch pairs); the "
+                                                          "training pairs are steps x batch, each seen once")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--eval-n", type=int, default=48, help="items per out-of-distribution generative suite (seeded)")
+    ap.add_argument("--pku-n", type=int, default=64, help="held-out PKU-SafeRLHF prompts evaluated")
+    ap.add_argument("--mc-n", type=int, default=60, help="capability items (multiple choice)")
+    ap.add_argument("--limit", type=int, default=None, help="cap items per suite, capability included (smoke)")
+    ap.add_argument("--shapo-perturbation", default="sam", choices=["sam", "official"],
+                    help="sam: eps = rho g/||g|| on the mask (default here, see README); official: gamma g")
+    ap.add_argument("--rho", type=float, default=0.05)
+    ap.add_argument("--start", default=None, help="start run (default: the safety-SFT run of the seed)")
+    ap.add_argument("--no-start-eval", action="store_true", help="do not evaluate the start model")
+    ap.add_argument("--runs", default=None, help="raw outputs (default runs/exp-shapo; --quick: runs/exp-shapo-quick)")
+    ap.add_argument("--results", default=None, help="committed aggregates (default experiments/shapo/results)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 5 steps (one ShaPO SAM step), 4 items per suite, a 2-step SFT start, all "
+                         "under runs/exp-shapo-quick")
+    ap.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for the win rate (optional)")
+    ap.add_argument("--judge-model", default=None)
+    ap.add_argument("--judge-key-env", default="OPENAI_API_KEY")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override for every arm")
+    args = ap.parse_args()
+    if args.judge_url and not args.judge_model:
+        sys.exit("error: --judge-url needs --judge-model")
+    if not PKU_FILE.exists():
+        sys.exit(f"error: {PKU_FILE} not found: the PKU-SafeRLHF pairs live in ../shared/data")
+    if args.quick:
+        args.steps, args.limit = 5, args.limit or 4
+    runs = Path(args.runs or ROOT / "runs" / ("exp-shapo-quick" if args.quick else "exp-shapo")).resolve()
+    results = Path(args.results or (runs / "results" if args.quick else HERE / "results"))
+    shapo = [f"shapo.perturbation={args.shapo_perturbation}", f"shapo.rho={args.rho}"]
+
+    import shapo_data
+
+    data = shapo_data.prepare(PKU_FILE, runs / "data", n_train=args.steps * args.batch)
+    pairs, heldout = runs / "data" / "train_pairs.jsonl", runs / "data" / "heldout_prompts.jsonl"
+    suites = write_suites(runs, heldout, args.eval_n, args.pku_n, args.mc_n)
+    check_public_suites(suites)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "split.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval)
+    print(f"{len(args.arms) * len(args.noise) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
+          f"estimated time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
+
+    timings_path = results / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    arms = [arm_name(m, n) for n in args.noise for m in args.arms]
+    for seed in args.seeds:
+        if args.start:
+            start = Path(args.start).resolve()
+        elif args.quick:
+            start = train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
+        else:
+            start = safety_sft_start(seed)
+        if not args.no_start_eval:
+            t0 = time.time()
+            ev = evaluate(start, suites, runs / f"start-seed{seed}" / "eval", seed=seed, limit=args.limit)
+            copy_aggregates(ev, results / f"start-seed{seed}", start)
+            timings.setdefault(f"start-seed{seed}", {"eval_s": round(time.time() - t0, 1)})
+        for noise in args.noise:
+            for method in args.arms:
+                name = f"{arm_name(method, noise)}-seed{seed}"
+                t0 = time.time()
+                done = is_complete(runs / name)
+                run_dir = train_arm(method, noise, seed, start=start, pairs=pairs, runs=runs, steps=args.steps,
+                                    batch=args.batch, shapo=shapo, extra=args.extra)
+                t1 = time.time()
+                had_eval = (run_dir / "eval" / "metrics.json").exists()
+                ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit)
+                t2 = time.time()
+                copy_aggregates(ev, results / name, run_dir)
+                (results / name / "train_diagnostics.json").write_text(json.dumps(diagnostics(run_dir), indent=2))
+                entry = timings.get(name, {})
+                if not done:
+                    entry["train_s"] = round(t1 - t0, 1)
+                if not had_eval:
+                    entry["eval_s"] = round(t2 - t1, 1)
+                timings[name] = entry
+                timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+                print(f"{name}: {entry}")
+
+    win = {}
+    if args.judge_url:
+        win = run_win_rates(args, runs, heldout, arms, args.seeds)
+        (results / "winrate.json").write_text(json.dumps(win, indent=2) + "\n")
+
+    header = [
+        "# ShaPO experiment: results", "",
+        f"Start: the safety-SFT run of each seed. Data: {data['train_pairs']} PKU-SafeRLHF safety pairs "
+        f"(one per prompt) for training; {data['prompts']['heldout']} held-out prompts. "
+        f"{args.steps} steps x batch {args.batch}, LoRA r16, beta 0.1, lr 1e-4 for every arm. "
+        f"ShaPO perturbation: {args.shapo_perturbation}" + (f" (rho {args.rho})" if args.shapo_perturbation == "sam"
+                                                              else "") + ". Judge: embedding-minilm.",
+        "", "Cells: value [95% bootstrap CI] for one seed, mean ± sd over seeds.",
+    ]
+    labels = ["start", *arms] if not args.no_start_eval else arms
+    table = summarise(results, labels, SUITE_ORDER, args.seeds)
+    compare = [(arm_name("shapo", n), arm_name("dpo", n)) for n in args.noise] + \
+              [(arm_name("drdpo-shapo", n), arm_name("drdpo", n)) for n in args.noise]
+    claim = claim_table(runs, compare, args.seeds)
+    body = ["\n".join(header), table, "## Claim: at 30% noise ShaPO keeps safety >= 5 points above DPO",
+            "Paired differences of the safety rate (same prompts), in points, with a bootstrap 95% CI:", claim,
+            "## ShaPO diagnostics", shapo_table(results, arms, args.seeds)]
+    body.append("## Win rate vs the dataset's safe answer")
+    if win:
+        body.append("| arm | win rate [95% CI] | n | judge errors |\n|---|---|---|---|\n" + "\n".join(
+            f"| {k} | {100 * v['value']:.1f}% [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}] | {v['n']} | "
+            f"{v['judge_errors']} |" for k, v in win.items() if v.get("value") is not None))
+    else:
+        body.append("Not run: no judge endpoint was configured (--judge-url).")
+    from tactful.io import atomic_write_text
+
+    atomic_write_text(results / "summary.md", "\n\n".join(body) + "\n")
+    print("\n" + claim)
+    print(f"wrote {results / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()
