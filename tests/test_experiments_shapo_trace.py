@@ -1,0 +1,99 @@
+"""The non-trivial logic of the ShaPO and TRACE experiment scripts: the held-out split of the
+PKU pairs leaks no prompt into training, the win-rate judge undoes its order randomisation,
+TRACE's 'rule changed' sets follow the policies' decisions, naive relabelling."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from tactful.data.records import PreferencePair
+from tactful.eval.judges.base import Verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT / "experiments" / "shapo"))
+
+import shapo_data  # noqa: E402
+import winrate  # noqa: E402
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+trace_run = _load("trace_experiment_run", ROOT / "experiments" / "trace" / "run.py")
+
+
+def _pairs() -> list[PreferencePair]:
+    out = []
+    for i in range(40):
+        # case, spacing and a trailing "?" vary between pairs of the same prompt
+        prompt = [f"How do I do thing {i % 13}?", f"how do I  do thing {i % 13}", f"HOW DO I DO THING {i % 13} ?"][i % 3]
+        out.append(PreferencePair(prompt=prompt, chosen=f"safe {i}", rejected=f"unsafe {i}", chosen_safe=True,
+                                  rejected_safe=False, id=f"p{i}"))
+    return out
+
+
+def test_heldout_prompts_never_appear_in_training():
+    pairs = _pairs()
+    train, held = shapo_data.split_by_prompt(pairs, 0.3, seed=0)
+    keys_train = {shapo_data.prompt_key(p.prompt) for p in train}
+    keys_held = {shapo_data.prompt_key(p.prompt) for p in held}
+    assert len(keys_train | keys_held) == 13 and len(keys_held) == 4  # variants count as one prompt
+    assert not keys_train & keys_held and len(train) + len(held) == len(pairs)
+    assert shapo_data.split_by_prompt(pairs, 0.3, seed=0) == (train, held)  # deterministic
+    picked = shapo_data.one_per_prompt(train, 5, seed=0)
+    assert len({shapo_data.prompt_key(p.prompt) for p in picked}) == 5
+    assert len(shapo_data.one_per_prompt(train, 20, seed=0)) == 20  # topped up past the 9 prompts
+
+
+class FakeJudge:
+    """Prefers whichever answer contains 'GOOD', wherever it is shown."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def chat(self, messages, **kw):
+        self.calls += 1
+        text = messages[0]["content"]
+        a = text.split("Answer A:")[1].split("Answer B:")[0]
+        return "A" if "GOOD" in a else "B."
+
+
+def test_win_rate_undoes_the_order_randomisation():
+    items = [("q", "GOOD answer", "reference")] * 30 + [("q", "bad answer", "GOOD reference")] * 10
+    res = winrate.win_rate(FakeJudge(), items, seed=3)
+    assert res["value"] == pytest.approx(0.75) and res["n"] == 40 and res["judge_errors"] == 0
+    assert 5 < res["model_answer_first"] < 35  # both orders were used
+    assert winrate.parse_choice("  b") == "B" and winrate.parse_choice("Answer: A") == "A"
+    assert winrate.parse_choice("neither") is None
+
+
+def test_trace_changed_rules_follow_the_policies_decisions():
+    changed = trace_run.changed_categories(["violence", "economic_crime", "cybercrime", "mental_manipulation",
+                                            "homonyms", None])
+    # violence: the new policy only adds notes; manipulation: refusals now need a resource;
+    # cybercrime: restricted with allowed contexts; others: over-refusal now violates
+    assert changed == {"violence": False, "economic_crime": False, "cybercrime": True, "mental_manipulation": True,
+                       "homonyms": True, None: True}
+
+
+def test_naive_relabelling_swaps_inverted_pairs_and_drops_punished_ones(tmp_path):
+    from tactful.io import read_jsonl_tolerant
+    from tactful.methods.trace.triage import INVERT, PUNISH, RETAIN, TriagedPair, write_triage
+
+    v, c = Verdict("violates"), Verdict("complies")
+    rows = [TriagedPair(PreferencePair(prompt=f"p{i}", chosen=f"c{i}", rejected=f"r{i}", id=str(i)), label, a, b)
+            for i, (label, a, b) in enumerate([(INVERT, v, c), (PUNISH, v, v), (RETAIN, c, v)])]
+    write_triage(tmp_path / "triage", rows, {"judge": "test", "policy": {"hash": "h"}})
+    counts = trace_run.relabelled_pairs(tmp_path / "triage", tmp_path / "naive.jsonl")
+    got = [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl_tolerant(tmp_path / "naive.jsonl")]
+    assert got == [("p0", "r0", "c0"), ("p2", "c2", "r2")]
+    assert counts == {"pairs": 2, "swapped": 1, "dropped": 1}
