@@ -1,0 +1,488 @@
+"""Refusal-preserving fine-tuning experiment: does an SAE guard keep an aligned model's refusal
+through factuality fine-tuning, where plain LoRA loses it?
+
+    python experiments/refusal_guard/run.py                 # the full run, seed 0 (see README.md for its time)
+    python experiments/refusal_guard/run.py --quick         # smoke test: a few steps, 6 items per suite
+
+Start: the safety-SFT model (recipes/sft.yaml on the embedded model; experiments/common.py
+`safety_sft_start`, shared with the DCR experiment). Every fine-tuned arm trains on the same
+benign + factuality data for the same number of steps (LoRA r=16, all linears):
+
+    aligned        the start model, not fine-tuned (the reference)
+    lora           plain LoRA (guard.kind=none)
+    safelora       Safe LoRA: the LoRA projected afterwards onto the alignment matrix (peft-style)
+    direction      updates kept orthogonal to the difference-of-means refusal direction
+    sae            updates kept orthogonal to the SAE refusal-minus-hallucination latents
+    truthful-only  (optional) plain LoRA on the TruthfulQA training half alone: the paper's first
+                   finding, that a truthfulness intervention raises attack success
+    sae-shared     (optional) the SAE guard with value_mode=shared, reusing the sae arm's SAEs
+    base           (optional) the unaligned embedded model, for scale
+
+Fine-tuning data: the built-in benign instructions and truthfulness train split, plus the
+training half of TruthfulQA (../shared/data/TruthfulQA.csv, split 50/50 by a fixed seed;
+question -> best answer). Evaluation, on items no arm trained on: safety (built-in harmful
+test split) and AdvBench (100) for refusal; over-refusal (built-in seemingly-toxic test);
+task gain = MC2 on the built-in truthfulness test split and on the held-out TruthfulQA half.
+Judge: embedding-minilm (offline). Raw outputs go to runs/exp-refusal-guard/;
+experiments/refusal_guard/results/ gets aggregates only (metrics, SAE metrics, selected latent
+counts, measured orthogonality of the updates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+
+from common import (  # noqa: E402
+    ADVBENCH,
+    check_public_suites,
+    copy_aggregates,
+    evaluate,
+    is_complete,
+    safety_sft_start,
+    summarise,
+    train,
+)
+
+ARMS = ("aligned", "lora", "safelora", "direction", "sae")
+OPTIONAL_ARMS = ("truthful-only", "sae-shared", "base")
+GUARD_KIND = {"lora": "none", "safelora": "safelora", "direction": "direction", "sae": "sae",
+              "truthful-only": "none", "sae-shared": "sae"}
+REFUSAL_SUITES = ("safety", "advbench")
+TASK_SUITES = ("truthfulness", "truthfulqa-heldout")
+TRUTHFULQA = ROOT.parent / "shared" / "data" / "TruthfulQA.csv"
+RECIPE = ROOT / "recipes" / "refusal_guard.yaml"
+
+# The experiment's budget (the recipe's own defaults are for a standalone run): every
+# fine-tuned arm takes STEPS optimizer steps of batch 8 over the same shuffled data. SAEs get
+# one capture pass over the built-in SAE corpus (~127k tokens): SAE_STEPS x 512 tokens, fewer
+# steps than the recipe's 1500, which would need several passes cached on disk.
+# Measured on this machine (single thread): a LoRA step of this mix ~9-14 CPU-s, generation
+# ~140 tokens per CPU-s, MC scoring ~0.9 CPU-s per TruthfulQA item, activation capture ~370
+# tokens per CPU-s, an SAE step 0.22 CPU-s per layer. These defaults keep the run near 25-30 min
+# on 2 cores: 25 steps per arm, 100 held-out TruthfulQA items, and SAEs trained for 240 steps on
+# a 64k-token capture read twice from disk (the recipe: 1500 steps on 200k tokens, ~6x longer).
+STEPS = 25
+SAE_STEPS, SAE_TOKENS = 240, 65_536
+TRUTHFULQA_EVAL_N = 100  # held-out TruthfulQA items scored per arm (seeded subsample of 409)
+OVER_REFUSAL = str(HERE / "suites" / "over-refusal.yaml")  # built-in seemingly-toxic test split, 100 of 150
+
+
+def log(msg: str) -> None:
+    print(f"[refusal-guard-exp {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def split_truthfulqa(data_dir: Path, suites_dir: Path, *, eval_n: int | None) -> tuple[Path, Path, dict[str, int]]:
+    """TruthfulQA split 50/50 by question (fixed seed, the same for every experiment seed): the
+    training half as (question, best answer) examples, the other half as an MC2 suite."""
+    from tactful.data.records import Example
+    from tactful.data.registry import load_benchmark
+    from tactful.io import atomic_write_jsonl, atomic_write_text
+
+    train_file, eval_file = data_dir / "truthfulqa-train.jsonl", data_dir / "truthfulqa-heldout.jsonl"
+    items = load_benchmark("truthfulqa-mc", path=str(TRUTHFULQA))
+    order = list(range(len(items)))
+    random.Random(1234).shuffle(order)
+    half = len(order) // 2
+    train_items = [items[i] for i in sorted(order[:half])]
+    eval_items = [items[i] for i in sorted(order[half:])]
+    if not train_file.is_file() or not eval_file.is_file():
+        examples = [Example(prompt=it.question, response=it.meta.get("best_answer") or it.choices[it.answers[0]],
+                            label="benign", category=it.meta.get("category"), id=it.id, source="truthfulqa-train-half")
+                    for it in train_items]
+        atomic_write_jsonl(train_file, [e.to_dict() for e in examples])
+        atomic_write_jsonl(eval_file, [it.to_dict() for it in eval_items])
+    suite = suites_dir / "truthfulqa-heldout.yaml"
+    atomic_write_text(suite, "\n".join([
+        "name: truthfulqa-heldout",
+        "description: TruthfulQA MC2 on the half of its questions that no arm trained on "
+        "(public benchmark, read from ../shared/data, split 50/50 with a fixed seed)"
+        + (f", seeded subsample of {eval_n}" if eval_n else "") + ".",
+        f"dataset: {eval_file}",
+        *([f"n: {eval_n}"] if eval_n else []),
+        "expected: multiple-choice",
+        "metric: mc2",
+        ""]))
+    return train_file, suite, {"train": len(train_items), "heldout": len(eval_items), "heldout_scored": min(
+        eval_n or len(eval_items), len(eval_items))}
+
+
+# --------------------------------------------------------------------------- arms
+
+
+def train_arm(arm: str, seed: int, runs: Path, start: Path, tqa_train: Path, *, steps: int, sae_steps: int,
+              sae_tokens: int, extra: Sequence[str]) -> Path | None:
+    if arm == "aligned":
+        return start
+    if arm == "base":
+        return None
+    out = runs / f"{arm}-seed{seed}"
+    data = [str(tqa_train)] if arm == "truthful-only" else ["builtin-benign", "builtin-truthfulness", str(tqa_train)]
+    overrides = [f"seed={seed}", f"start_from={start}", f"guard.kind={GUARD_KIND[arm]}",
+                 f"data.sources=[{', '.join(data)}]", f"training.max_steps={steps}",
+                 f"sae.steps={sae_steps}", f"sae.tokens={sae_tokens}"]
+    if arm == "sae-shared":
+        sae_dir = runs / f"sae-seed{seed}" / "sae"
+        if not (sae_dir / "summary.json").is_file():
+            sys.exit("error: the sae-shared arm reuses the sae arm's SAEs; run --arms sae first")
+        overrides += [f"sae.pretrained={sae_dir}", "guard.value_mode=shared"]
+    return train(str(RECIPE), out, [*overrides, *extra])
+
+
+def evaluate_arm(run_dir: Path | None, ev: Path, seed: int, limit: int | None, suites: list[str]) -> bool:
+    from tactful.io import atomic_write_json
+
+    marker = {"limit": limit, "suites": suites}
+    done = ev / "experiment_eval.json"
+    if done.is_file() and json.loads(done.read_text()) == marker and (ev / "metrics.json").is_file():
+        return False
+    evaluate(run_dir, suites, ev, seed=seed, limit=limit)
+    atomic_write_json(done, marker)
+    return True
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def guard_diagnostics(run_dir: Path) -> dict[str, Any]:
+    """What the run recorded about its guard: SAE metrics, selected latents, the guard's residual."""
+    m = json.loads((run_dir / "manifest.json").read_text())
+    out: dict[str, Any] = {k: m.get(k) for k in ("guard", "layers", "value_mode", "rank", "guard_residual",
+                                                  "guarded_parameters", "guard_notes", "safelora_projected",
+                                                  "train_loss", "steps", "n_examples")}
+    if isinstance(m.get("sae"), dict):
+        out["sae_metrics"] = m["sae"]
+    features = run_dir / "features.json"
+    if features.is_file():
+        f = json.loads(features.read_text())
+        out["latents"] = {layer: {"refusal": len(f["refusal"].get(layer, [])),
+                                  "hallucination": len(f["hallucination"].get(layer, [])),
+                                  "kept": len(f["kept"].get(layer, []))} for layer in f["kept"]}
+    if (run_dir / "safelora.json").is_file():
+        s = json.loads((run_dir / "safelora.json").read_text())
+        out["safelora_projected_modules"] = len(s.get("projected", []))
+    return out
+
+
+def update_leakage(adapter_dir: Path, subspace_file: Path) -> dict[str, Any]:
+    """How much of a LoRA update lies in a protected subspace, measured on the saved adapter:
+    o_proj ||dW U||_F (input side), v_proj ||Q^T dW||_F (output side), absolute and relative to
+    ||dW||_F, with the relative level a random update would show, sqrt(rank / dim). The relative
+    value is None for an update that is zero (a frozen v_proj): 0/0 says nothing."""
+    import torch
+
+    from tactful.methods.refusal_guard.guard import load_subspaces
+    from tactful.methods.safemoe import read_expert
+
+    modules = read_expert(adapter_dir).modules
+    subspaces = load_subspaces(subspace_file)
+    out: dict[str, Any] = {}
+    for layer, sub in sorted(subspaces.items()):
+        for side, basis in (("o_proj", sub.U), ("v_proj", sub.U_value)):
+            name = next((n for n in modules if n.endswith(f"layers.{layer}.self_attn.{side}")), None)
+            if name is None or basis is None or basis.shape[1] == 0:
+                continue
+            A, B, scale = modules[name]
+            dW = scale * (B @ A)  # [out, in]
+            part = float(torch.linalg.norm(dW @ basis if side == "o_proj" else basis.T @ dW))
+            norm = float(torch.linalg.norm(dW))
+            out[f"layer_{layer}.{side}"] = {
+                "in_subspace": part, "update_norm": norm, "relative": part / norm if norm > 1e-6 else None,
+                "random_level": math.sqrt(basis.shape[1] / basis.shape[0]), "rank": int(basis.shape[1])}
+    return out
+
+
+def paired_vs(ev: Path, ref: Path, suite: str, seed: int) -> dict[str, Any] | None:
+    """Refusal-rate difference (this arm - reference) over the same prompts, paired bootstrap CI."""
+    from tactful.eval.metrics import paired_difference
+    from tactful.io import read_jsonl_tolerant
+
+    def flags(d: Path) -> dict[str, float]:
+        return {r["id"]: 1.0 if r["verdict"].get("refused") else 0.0
+                for r in read_jsonl_tolerant(d / suite / "items.jsonl") if not r["verdict"].get("error")}
+
+    a, b = flags(ev), flags(ref)
+    ids = sorted(set(a) & set(b))
+    return paired_difference([a[i] for i in ids], [b[i] for i in ids], seed=seed).to_dict() if ids else None
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def write_summary(results: Path, runs: Path, arms: Sequence[str], seeds: Sequence[int], suites: Sequence[str],
+                  header: str) -> None:
+    from tactful.io import atomic_write_json, atomic_write_text
+
+    summarise(results, arms, list(suites), seeds, header=header)
+    parts = [(results / "summary.md").read_text().rstrip(), ""]
+
+    # refusal change and task gain against the aligned start, per seed (paired over items)
+    claim: dict[str, Any] = {"claim": "SAE guard keeps refusal within ~3 points of the aligned model; plain LoRA "
+                                      "loses clearly more; similar task gain", "per_seed": {}}
+    for s in seeds:
+        ref_ev = runs / f"aligned-seed{s}" / "eval"
+        ref_path = results / f"aligned-seed{s}" / "metrics.json"
+        if not ref_path.is_file():
+            continue
+        ref = json.loads(ref_path.read_text())["suites"]
+        rows = {}
+        for arm in arms:
+            p = results / f"{arm}-seed{s}" / "metrics.json"
+            if arm == "aligned" or not p.is_file():
+                continue
+            m = json.loads(p.read_text())["suites"]
+            row: dict[str, Any] = {}
+            for suite in REFUSAL_SUITES:
+                if suite in m and suite in ref:
+                    row[f"{suite}_delta"] = paired_vs(runs / f"{arm}-seed{s}" / "eval", ref_ev, suite, s)
+            for suite in (*TASK_SUITES, "over-refusal"):
+                if suite in m and suite in ref and m[suite].get("value") is not None:
+                    row[f"{suite}_delta"] = m[suite]["value"] - ref[suite]["value"]
+            rows[arm] = row
+        claim["per_seed"][str(s)] = rows
+    atomic_write_json(results / "claim.json", claim)
+    if claim["per_seed"]:
+        parts += ["## Change against the aligned start (points)", "",
+                  "Refusal: paired over the same prompts (bootstrap 95% CI). Task: MC2 difference. "
+                  "Negative refusal = refusal lost.", "",
+                  "| arm | seed | safety | advbench | truthfulness MC2 | TruthfulQA held-out MC2 | over-refusal compliance |",
+                  "|---|---|---|---|---|---|---|"]
+
+        def paired(d: dict[str, Any] | None) -> str:
+            if not d or d.get("value") is None:
+                return "—"
+            return f"{100 * d['value']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+
+        def diff(v: float | None) -> str:
+            return "—" if v is None else f"{100 * v:+.1f}"
+
+        for s, rows in claim["per_seed"].items():
+            for arm, r in rows.items():
+                parts.append(f"| {arm} | {s} | {paired(r.get('safety_delta'))} | {paired(r.get('advbench_delta'))} | "
+                             f"{diff(r.get('truthfulness_delta'))} | {diff(r.get('truthfulqa-heldout_delta'))} | "
+                             f"{diff(r.get('over-refusal_delta'))} |")
+        parts.append("")
+        for s, rows in claim["per_seed"].items():
+            sae, lora = rows.get("sae", {}), rows.get("lora", {})
+            if sae.get("safety_delta") and lora.get("safety_delta"):
+                ds, dl = sae["safety_delta"]["value"], lora["safety_delta"]["value"]
+                ts, tl = sae.get("truthfulqa-heldout_delta"), lora.get("truthfulqa-heldout_delta")
+                gain = (f"; TruthfulQA held-out MC2 gain SAE {100 * ts:+.1f} vs LoRA {100 * tl:+.1f} points"
+                        if ts is not None and tl is not None else "")
+                parts.append(f"- seed {s}: safety change, SAE guard {100 * ds:+.1f} points vs plain LoRA "
+                             f"{100 * dl:+.1f}; SAE within 3 points of aligned: **{abs(ds) <= 0.03}**; "
+                             f"plain LoRA loses more: **{dl < ds}**{gain}.")
+            tq = rows.get("truthful-only", {})
+            if tq.get("safety_delta") or tq.get("advbench_delta"):
+                cells = [f"{name} {100 * tq[f'{name}_delta']['value']:+.1f}" for name in REFUSAL_SUITES
+                         if tq.get(f"{name}_delta")]
+                parts.append(f"- seed {s}: truthfulness-only fine-tuning changes refusal by {', '.join(cells)} points "
+                             "(negative = attack success up; the paper's first finding predicts negative).")
+        parts.append("")
+
+    # guard diagnostics
+    diag_rows = []
+    for arm in arms:
+        for s in seeds:
+            p = results / f"{arm}-seed{s}" / "guard.json"
+            if p.is_file():
+                diag_rows.append((arm, s, json.loads(p.read_text())))
+    if diag_rows:
+        parts += ["## Guards", "", "SAE metrics on held-out activation tokens. Guard residual: the training "
+                  "run's own check, max |dW U - 0| over guarded parameters. Last column, measured here on the saved "
+                  "adapter against the sae arm's subspace: max over guarded layers of ||dW U||_F for o_proj and "
+                  "||Q^T dW||_F for v_proj (absolute), and o_proj's share ||dW U|| / ||dW|| (a random update: "
+                  "sqrt(rank/dim)).", "",
+                  "| arm | seed | SAE explained variance / L0 / dead / MSE per layer | latents kept "
+                  "(of the refusal latents) | guard residual | in the SAE subspace: o_proj / v_proj abs; o_proj share "
+                  "(random) |", "|---|---|---|---|---|---|"]
+        for arm, s, d in diag_rows:
+            sae = d.get("sae_metrics") or {}
+            sae_cell = "; ".join(f"L{layer}: {v.get('explained_variance', float('nan')):.3f} / {v.get('l0', 0):.1f} / "
+                                 f"{v.get('dead_fraction', 0):.1%} / {v.get('mse', float('nan')):.3g}"
+                                 for layer, v in sae.items() if isinstance(v, dict)) or "—"
+            lat = d.get("latents") or {}
+            lat_cell = ", ".join(f"L{layer}: {v['kept']} of {v['refusal']}" for layer, v in lat.items()) or "—"
+            res = d.get("guard_residual")
+            leak = d.get("leakage_sae_subspace") or {}
+            o = [v["in_subspace"] for k, v in leak.items() if k.endswith("o_proj")]
+            v_ = [v["in_subspace"] for k, v in leak.items() if k.endswith("v_proj")]
+            share = [v["relative"] for k, v in leak.items() if k.endswith("o_proj") and v["relative"] is not None]
+            lvl = [v["random_level"] for k, v in leak.items() if k.endswith("o_proj")]
+            leak_cell = (f"{max(o):.1e} / {max(v_) if v_ else float('nan'):.1e}; "
+                         f"{max(share) if share else float('nan'):.3f} ({max(lvl):.2f})" if o else "—")
+            parts.append(f"| {arm} | {s} | {sae_cell} | {lat_cell} | {'—' if res is None else f'{res:.1e}'} | "
+                         f"{leak_cell} |")
+        parts.append("")
+    atomic_write_text(results / "summary.md", "\n".join(parts) + "\n")
+
+
+# --------------------------------------------------------------------------- main
+
+
+# Wall-time speed-up of two free cores (two OpenMP threads) over the single thread the quick
+# run is measured with; CPU seconds, unlike wall seconds, barely depend on other jobs' load.
+TWO_CORE_SPEEDUP = 1.7
+
+
+def estimate(entries: dict[str, Any], full: dict[str, Any]) -> str:
+    """Full-run time from this run's CPU seconds per fine-tuning step (setup included) and per eval item."""
+    steps = [(t["train_cpu_s"], t["steps"]) for t in entries.values() if t.get("steps")]
+    items = [(t["eval_cpu_s"], t["eval_items"]) for t in entries.values() if t.get("eval_items")]
+    if not steps or not items:
+        return "no estimate (nothing was trained or evaluated in this run)"
+    per_step = sum(a for a, _ in steps) / sum(b for _, b in steps)
+    per_item = sum(a for a, _ in items) / sum(b for _, b in items)
+    cpu = per_step * full["steps"] + per_item * full["items"] + full.get("sae_cpu_s", 0.0)
+    return (f"estimated full run: {cpu / 60:.0f} CPU-min = ~{cpu / 60 / TWO_CORE_SPEEDUP:.0f} min on 2 free cores "
+            f"({full['steps']} fine-tuning steps x {per_step:.1f} CPU-s incl. setup, {full['items']} eval items x "
+            f"{per_item:.2f} CPU-s, SAEs ~{full.get('sae_cpu_s', 0.0) / 60:.1f} CPU-min; eval measured at batches "
+            "of at most --limit items, the full run's are 64: an upper bound)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS + OPTIONAL_ARMS)
+    ap.add_argument("--steps", type=int, default=STEPS, help="fine-tuning steps for every arm")
+    ap.add_argument("--sae-steps", type=int, default=SAE_STEPS)
+    ap.add_argument("--sae-tokens", type=int, default=SAE_TOKENS)
+    ap.add_argument("--limit", type=int, default=None, help="cap items per suite (default: all)")
+    ap.add_argument("--capability", action="store_true", help="also score the built-in capability suite")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 2 fine-tuning steps, 8 SAE steps, 6 items per suite, a 2-step start model; "
+                         "writes under runs/exp-refusal-guard-quick only")
+    ap.add_argument("--runs", default=None, help="raw outputs (default runs/exp-refusal-guard; not committed)")
+    ap.add_argument("--results", default=None, help="aggregates (default experiments/refusal_guard/results)")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override for trained arms")
+    args = ap.parse_args()
+    if args.quick:
+        # fewer capture tokens than SAE steps x batch, so the quick run takes the full run's path:
+        # capture to disk once, read it twice
+        args.steps, args.sae_steps, args.sae_tokens = 2, 16, 6 * 1024
+        args.limit = args.limit or 6
+    runs = Path(args.runs or ROOT / "runs" / ("exp-refusal-guard-quick" if args.quick else "exp-refusal-guard"))
+    results = Path(args.results) if args.results else (runs / "results" if args.quick else HERE / "results")
+    arms = [a for a in (*ARMS, *OPTIONAL_ARMS) if a in args.arms]  # sae-shared reuses the sae arm's SAEs
+    if not TRUTHFULQA.is_file():
+        sys.exit(f"error: {TRUTHFULQA} not found: the public evaluation files live in ../shared/data")
+    check_public_suites([ADVBENCH])
+    t_start = time.time()
+
+    from tactful.io import atomic_write_json
+
+    runs.mkdir(parents=True, exist_ok=True)
+    tqa_train, tqa_suite, tqa_counts = split_truthfulqa(runs / "data", runs / "suites",
+                                                        eval_n=min(TRUTHFULQA_EVAL_N, args.limit or TRUTHFULQA_EVAL_N))
+    suites = ["safety", ADVBENCH, OVER_REFUSAL, "truthfulness", str(tqa_suite)]
+    if args.capability:
+        suites.append("capability")
+    suite_names = ["safety", "advbench", "over-refusal", "truthfulness", "truthfulqa-heldout"] + (
+        ["capability"] if args.capability else [])
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(results / "data.json", {"truthfulqa": tqa_counts, "finetune_sources": [
+        "builtin-benign (train)", "builtin-truthfulness (train)", "TruthfulQA training half"]})
+
+    timings_path = results / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    new: dict[str, Any] = {}
+    for seed in args.seeds:
+        t0 = time.time()
+        if args.quick:
+            start = train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
+        else:
+            start = safety_sft_start(seed)
+        log(f"start model (safety SFT): {start} ({time.time() - t0:.0f} s)")
+        for arm in arms:
+            key = f"{arm}-seed{seed}"
+            t0, c0 = time.time(), time.process_time()
+            was_done = arm in ("aligned", "base") or is_complete(runs / key)
+            run_dir = train_arm(arm, seed, runs, start, tqa_train, steps=args.steps, sae_steps=args.sae_steps,
+                                sae_tokens=args.sae_tokens, extra=args.extra)
+            t1, c1 = time.time(), time.process_time()
+            ev = runs / key / "eval"
+            evaluated = evaluate_arm(run_dir, ev, seed, args.limit, suites)
+            t2, c2 = time.time(), time.process_time()
+            dest = results / key
+            copy_aggregates(ev, dest, run_dir)  # for `aligned`, the safety-SFT run's manifest
+            if arm not in ("aligned", "base"):
+                diag = guard_diagnostics(run_dir)
+                sae_sub = runs / f"sae-seed{seed}" / "guard" / "subspace.safetensors"
+                if sae_sub.is_file() and (run_dir / "adapter").is_dir():
+                    diag["leakage_sae_subspace"] = update_leakage(run_dir / "adapter", sae_sub)
+                own = run_dir / "guard" / "subspace.safetensors"
+                if own.is_file() and own != sae_sub:
+                    diag["leakage_own_subspace"] = update_leakage(run_dir / "adapter", own)
+                atomic_write_json(dest / "guard.json", diag)
+            entry: dict[str, Any] = {"train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
+                                     "train_cpu_s": round(c1 - c0, 1), "eval_cpu_s": round(c2 - c1, 1)}
+            if not was_done:
+                entry["steps"] = int(json.loads((run_dir / "manifest.json").read_text()).get("steps") or 0)
+            if evaluated:
+                metrics = json.loads((ev / "metrics.json").read_text())
+                entry["eval_items"] = sum(v.get("n_items", 0) for v in metrics["suites"].values())
+            log(f"{key}: train {entry['train_s']} s, eval {entry['eval_s']} s")
+            new[key] = entry
+            if not was_done or evaluated:
+                timings[key] = entry
+    atomic_write_json(timings_path, timings)
+    # The leakage of earlier arms is measured against the sae arm's subspace, which exists only
+    # once that arm has trained: fill it in for arms that ran before it.
+    for seed in args.seeds:
+        sae_sub = runs / f"sae-seed{seed}" / "guard" / "subspace.safetensors"
+        for arm in arms:
+            g = results / f"{arm}-seed{seed}" / "guard.json"
+            adapter = runs / f"{arm}-seed{seed}" / "adapter"
+            if sae_sub.is_file() and g.is_file() and adapter.is_dir():
+                d = json.loads(g.read_text())
+                d["leakage_sae_subspace"] = update_leakage(adapter, sae_sub)
+                atomic_write_json(g, d)
+
+    header = (f"# Refusal-guard experiment{' (QUICK SMOKE RUN: not results)' if args.quick else ''}\n\n"
+              f"Model: embedded (SmolLM2-135M-Instruct) after safety SFT. Seeds: {', '.join(map(str, args.seeds))}. "
+              f"Fine-tuning: {args.steps} LoRA steps (batch 8) on built-in benign + truthfulness train + "
+              f"TruthfulQA training half ({tqa_counts['train']} questions). SAEs: {args.sae_steps} steps x 512 tokens "
+              f"from a {args.sae_tokens}-token capture. "
+              "Judge: embedding-minilm (offline). Task: MC2 on built-in truthfulness test and on "
+              f"{tqa_counts['heldout_scored']} held-out TruthfulQA questions"
+              + (f"; at most {args.limit} items per suite" if args.limit else "") + ".")
+    # every arm with results, not only those run now (a later `--arms X` run must not drop the others)
+    reported = [a for a in (*ARMS, *OPTIONAL_ARMS) if any((results / f"{a}-seed{s}").is_dir() for s in args.seeds)]
+    write_summary(results, runs, reported, args.seeds, suite_names, header)
+    if args.quick:
+        n_items = 0
+        from tactful.eval.runner import load_suite_records
+        from tactful.eval.suites import load_suite
+
+        full_suites = ["safety", ADVBENCH, OVER_REFUSAL, "truthfulness"]
+        n_items = sum(len(load_suite_records(load_suite(s))) for s in full_suites) + TRUTHFULQA_EVAL_N
+        trained = [a for a in ARMS if a not in ("aligned", "base")]
+        sae_entry = new.get(f"sae-seed{args.seeds[0]}", {})
+        lora_entry = new.get(f"lora-seed{args.seeds[0]}", {})
+        # The SAE arm's extra time over a plain arm: feature selection (fixed, ~ the direction arm's
+        # extra x 1.7: the same prompts plus the truthfulness items and SAE encodes) + capture
+        # (in proportion to the captured tokens) + SAE steps (in proportion to the steps).
+        lora_cpu = lora_entry.get("train_cpu_s", 0)
+        fixed = 1.7 * max(0.0, new.get(f"direction-seed{args.seeds[0]}", {}).get("train_cpu_s", lora_cpu) - lora_cpu)
+        scaled = max(0.0, sae_entry.get("train_cpu_s", 0) - lora_cpu - fixed)
+        ratio = max(SAE_TOKENS / args.sae_tokens, SAE_STEPS / max(1, args.sae_steps))
+        full = {"steps": STEPS * len(trained), "items": n_items * len(ARMS), "sae_cpu_s": fixed + scaled * ratio}
+        log(estimate({k: v for k, v in new.items() if not k.startswith("sae-")}, full))
+    log(f"done in {(time.time() - t_start) / 60:.1f} min; summary: {results / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The non-trivial helpers of experiments/safemoe/run.py and experiments/refusal_guard/run.py:
+pooling per-category results into seen / unseen domains, sharing generations between suites,
+and measuring how much of a saved LoRA update lies in a protected subspace."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"exp_{name}", ROOT / "experiments" / name / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def safemoe_exp():
+    return _script("safemoe")
+
+
+@pytest.fixture(scope="module")
+def guard_exp():
+    return _script("refusal_guard")
+
+
+def test_seen_and_unseen_domains_pool_counts_not_category_means(safemoe_exp):
+    metrics = {"suites": {
+        "safety": {"per_category": {"violence": {"value": 1.0, "n": 2}, "drugs": {"value": 0.5, "n": 8},
+                                    "privacy_violation": {"value": 0.25, "n": 4},
+                                    "cybercrime": {"value": None, "n": 0}}},
+        "informativeness": {"per_category": {"violence": {"value": 4.0, "n": 1}, "drugs": {"value": 2.0, "n": 3}}}}}
+    g = safemoe_exp.generalisation(metrics, ["violence", "drugs", "cybercrime"], ["privacy_violation"])
+    assert g["safety_seen"]["n"] == 10 and g["safety_seen"]["value"] == pytest.approx(0.6)  # 6 of 10, not (1+.5)/2
+    assert g["safety_seen"]["ci_low"] < 0.6 < g["safety_seen"]["ci_high"]
+    assert g["safety_unseen"]["value"] == pytest.approx(0.25) and g["safety_unseen"]["n"] == 4
+    assert g["informativeness_seen"] == {"value": pytest.approx(2.5), "n": 4}  # mean over the 4 safe answers
+    assert g["informativeness_unseen"] is None
+
+
+def test_generations_are_shared_once_and_never_overwritten(safemoe_exp, tmp_path):
+    (tmp_path / "safety").mkdir()
+    (tmp_path / "safety" / "settings.json").write_text('{"generation": {"max_new_tokens": 128}}')
+    (tmp_path / "safety" / "generations.jsonl").write_text('{"id": "a", "response": "x"}\n')
+    assert safemoe_exp.share_generations(tmp_path, "safety", "informativeness")
+    assert (tmp_path / "informativeness" / "generations.jsonl").read_text() == '{"id": "a", "response": "x"}\n'
+    (tmp_path / "informativeness" / "generations.jsonl").write_text('{"id": "a", "response": "y"}\n')
+    assert not safemoe_exp.share_generations(tmp_path, "safety", "informativeness")
+    assert "y" in (tmp_path / "informativeness" / "generations.jsonl").read_text()
+
+
+def _adapter(path: Path, tensors: dict[str, torch.Tensor], r: int, alpha: int) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha}))
+    save_file({f"base_model.model.model.layers.1.self_attn.{k}.weight": v.contiguous() for k, v in tensors.items()},
+              str(path / "adapter_model.safetensors"))
+    return path
+
+
+def test_update_leakage_sees_guarded_updates_as_orthogonal_and_plain_ones_not(guard_exp, tmp_path):
+    from tactful.methods.refusal_guard.guard import Subspace, orthonormal_basis, save_subspaces
+
+    gen = torch.Generator().manual_seed(0)
+    d, dv, r, k = 24, 12, 4, 3
+    U = orthonormal_basis(torch.randn(d, k, generator=gen))
+    Q = orthonormal_basis(torch.randn(dv, 2, generator=gen))
+    sub = tmp_path / "subspace.safetensors"
+    save_subspaces({1: Subspace(layer=1, U=U, U_value=Q)}, sub)
+    P, Pv = torch.eye(d) - U @ U.T, torch.eye(dv) - Q @ Q.T
+    A, B = torch.randn(r, d, generator=gen), torch.randn(d, r, generator=gen)
+    Av, Bv = torch.randn(r, d, generator=gen), torch.randn(dv, r, generator=gen)
+    plain = _adapter(tmp_path / "plain", {"o_proj.lora_A": A, "o_proj.lora_B": B,
+                                          "v_proj.lora_A": Av, "v_proj.lora_B": Bv}, r, 2 * r)
+    guarded = _adapter(tmp_path / "guarded", {"o_proj.lora_A": A @ P, "o_proj.lora_B": B,
+                                              "v_proj.lora_A": Av, "v_proj.lora_B": Pv @ Bv}, r, 2 * r)
+    frozen = _adapter(tmp_path / "frozen", {"o_proj.lora_A": A @ P, "o_proj.lora_B": B,
+                                            "v_proj.lora_A": Av, "v_proj.lora_B": torch.zeros(dv, r)}, r, 2 * r)
+    p, g, f = (guard_exp.update_leakage(a, sub) for a in (plain, guarded, frozen))
+    assert p["layer_1.o_proj"]["relative"] > 0.1 and p["layer_1.v_proj"]["in_subspace"] > 0.1
+    assert g["layer_1.o_proj"]["in_subspace"] < 1e-4 and g["layer_1.v_proj"]["in_subspace"] < 1e-4
+    assert g["layer_1.o_proj"]["update_norm"] == pytest.approx(p["layer_1.o_proj"]["update_norm"], rel=0.5)
+    assert f["layer_1.v_proj"]["relative"] is None  # a zero update has no share to report
+    assert p["layer_1.o_proj"]["random_level"] == pytest.approx(math.sqrt(k / d))
