@@ -122,3 +122,24 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, msg):
 def test_cli_unknown_option_exit_2():
     res = _cli("eval", "--no-such-option")
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+def test_policy_suites_judge_against_their_own_policy(tmp_path) -> None:
+    """Two policy suites in one evaluation must not share a judge: each judges its own policy file."""
+    from tactful.eval.runner import EvalConfig, Evaluator
+    from tactful.eval.suites import load_suite
+
+    suites = []
+    for policy in ("old-strict", "new-contextual"):
+        f = tmp_path / f"{policy}.yaml"
+        f.write_text(f"name: agree-{policy}\ndataset: builtin-harmful\nexpected: policy\npolicy: {policy}\n"
+                     "judge: policy-rules\n")
+        suites.append(load_suite(str(f)))
+    ev = Evaluator(EvalConfig(model="unused", suites=[], judge_options={"refusal": "string-xstest"}))
+    old, new = (ev._judge("policy-rules", s) for s in suites)
+    assert (old.policy.name, new.policy.name) == ("old-strict", "new-contextual")
+    assert ev._judge("policy-rules", suites[0]) is old
+    # an explicit judge option still wins over the suite's file
+    ev2 = Evaluator(EvalConfig(model="unused", suites=[], judge_options={"policy": "old-strict",
+                                                                          "refusal": "string-xstest"}))
+    assert ev2._judge("policy-rules", suites[1]).policy.name == "old-strict"

@@ -160,14 +160,19 @@ class Evaluator:
             return f"run:{c.run}"
         return c.model + (f"+{c.adapter}" if c.adapter else "")
 
-    def _judge(self, name: str) -> Any:
-        if name not in self._judges:
+    def _judge(self, name: str, suite: Suite | None = None) -> Any:
+        # Endpoint options (base_url, model, api_key_env) are for the LLM judges only.
+        opts = dict(self.config.judge_options) if name.startswith(("llm", "policy")) else {}
+        # The offline policy judges judge against the suite's policy file; an explicit
+        # judge option wins. Cached per (judge, policy) so two policy suites never share one.
+        if name.startswith("policy-") and suite is not None and suite.policy and "policy" not in opts:
+            opts["policy"] = suite.policy
+        key = (name, str(opts.get("policy")) if name.startswith("policy-") else None)
+        if key not in self._judges:
             from tactful.eval.judges import get_judge
 
-            # Endpoint options (base_url, model, api_key_env) are for the LLM judges only.
-            opts = self.config.judge_options if name.startswith(("llm", "policy")) else {}
-            self._judges[name] = get_judge(name, **opts)
-        return self._judges[name]
+            self._judges[key] = get_judge(name, **opts)
+        return self._judges[key]
 
     # ------------------------------------------------------------ suites
     def run(self) -> dict[str, Any]:
@@ -256,7 +261,7 @@ class Evaluator:
                     done[rid] = row
                 bar(len(part))
         judge_name = self.config.judge or suite.judge
-        judge = self._judge(judge_name)
+        judge = self._judge(judge_name, suite)
         items = [JudgeItem(prompt=r.prompt, response=done[i]["response"],
                            meta={"category": getattr(r, "category", None), "suite": suite.name,
                                  **({"policy": self._policy_text(suite)} if suite.expected == "policy" else {}),

@@ -131,7 +131,7 @@ def suite_from_dict(raw: Any, *, source: str = "<suite>") -> Suite:
         name=raw["name"], dataset=raw["dataset"], expected=expected, description=raw.get("description", ""),
         split=raw.get("split"), path=_resolve(raw.get("path"), source), n=raw.get("n"), prompt_field=raw.get("prompt_field", "prompt"),
         judge=raw.get("judge", DEFAULT_JUDGE[expected]), metric=metric, generation=dict(gen),
-        policy=raw.get("policy"), seed=raw.get("seed", 0), source=source,
+        policy=_resolve(raw.get("policy"), source), seed=raw.get("seed", 0), source=source,
     )
 
 
