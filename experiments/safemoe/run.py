@@ -48,6 +48,7 @@ OPTIONAL_ARMS = ("safemoe-static",)
 BASELINES = ("base", "sft-n", "lora", "refusal-only")
 SAFEMOE_ARMS = ("refusal-only", "safemoe", "safemoe-static")
 SAFETY = str(HERE / "suites" / "safety.yaml")  # built-in harmful test split, 128 new tokens
+OVER_REFUSAL = str(HERE / "suites" / "over-refusal.yaml")  # built-in seemingly-toxic test split, 100 of 150
 SUITES = ("safety", "informativeness", "over-refusal")
 RECIPE = ROOT / "recipes" / "safemoe.yaml"
 
@@ -55,10 +56,11 @@ RECIPE = ROOT / "recipes" / "safemoe.yaml"
 # max_length 256), but 1 epoch instead of 3 and experts 2 epochs instead of 3, so the whole
 # experiment fits ~25 min on 2 CPU cores (measured: a LoRA or router step of batch 8 costs
 # ~14 CPU-s, generation ~140 tokens per CPU-s). --epochs / --expert-epochs restore the
-# recipe's budget (~50 min). Full fine-tuning takes a 10x smaller learning rate than LoRA, as
-# usual; the router's 5e-3 is for its ~70k parameters only.
+# recipe's budget (~50 min). Full fine-tuning takes a smaller learning rate than LoRA, as usual
+# (5e-5: the upper end for full SFT of a small model, since the budget is one short epoch); the
+# router's 5e-3 is for its ~70k parameters only.
 EPOCHS, EXPERT_EPOCHS, BATCH, MAX_LENGTH = 1, 2, 8, 256
-FULL_LR, LORA_LR = 2e-5, 2e-4
+FULL_LR, LORA_LR = 5e-5, 2e-4
 
 
 def log(msg: str) -> None:
@@ -190,13 +192,13 @@ def evaluate_arm(run_dir: Path | None, ev: Path, seed: int, limit: int | None, j
     the arm was already evaluated with these settings (nothing done)."""
     from tactful.io import atomic_write_json
 
-    marker = {"limit": limit, "suites": list(SUITES), "llm_judge": judge or None}
+    marker = {"limit": limit, "suites": [SAFETY, "informativeness", OVER_REFUSAL], "llm_judge": judge or None}
     done = ev / "experiment_eval.json"
     if done.is_file() and json.loads(done.read_text()) == marker and (ev / "metrics.json").is_file():
         return False
     evaluate(run_dir, [SAFETY], ev, seed=seed, limit=limit)
     share_generations(ev, "safety", "informativeness")
-    evaluate(run_dir, [SAFETY, "informativeness", "over-refusal"], ev, seed=seed, limit=limit)
+    evaluate(run_dir, [SAFETY, "informativeness", OVER_REFUSAL], ev, seed=seed, limit=limit)
     if judge:
         llm_informativeness(ev, judge, seed)
     atomic_write_json(done, marker)
@@ -225,10 +227,11 @@ def llm_informativeness(ev: Path, judge: dict[str, str], seed: int) -> None:
 # --------------------------------------------------------------------------- diagnostics
 
 
-def routing_diagnostics(run_dir: Path, ev: Path, domains: Sequence[str], max_items: int | None = None) -> dict[str, Any]:
+def routing_diagnostics(run_dir: Path, ev: Path, domains: Sequence[str], max_items: int | None = 72) -> dict[str, Any]:
     """Expert weights over the reply tokens the arm actually generated for the held-out harmful
     prompts (teacher-forced, one prompt at a time): per test domain the mean weight of each
-    expert, and the routing entropy normalised by log(E) (1 = uniform, 0 = one expert)."""
+    expert, and the routing entropy normalised by log(E) (1 = uniform, 0 = one expert).
+    At most `max_items` prompts, taken at an even stride so every domain is represented."""
     import torch
 
     from tactful.io import read_jsonl_tolerant
@@ -240,7 +243,8 @@ def routing_diagnostics(run_dir: Path, ev: Path, domains: Sequence[str], max_ite
     moe = get_safemoe(model)
     experts = list(moe.expert_names)
     rows = [r for r in read_jsonl_tolerant(ev / "safety" / "items.jsonl") if r.get("response", "").strip()]
-    rows = rows[:max_items] if max_items else rows
+    if max_items and len(rows) > max_items:
+        rows = rows[:: math.ceil(len(rows) / max_items)]
     per_domain: dict[str, list[torch.Tensor]] = {}
     entropies: dict[str, list[float]] = {}
     log_e = math.log(len(experts))
@@ -456,7 +460,7 @@ def full_budget(n_safe: int, corpus_counts: dict[str, int], arms: Sequence[str],
     experts = sum(math.ceil(math.ceil(n / expert_batch) * expert_epochs) for n in corpus_counts.values())
     per_arm = {"base": 0, "sft-n": router, "lora": router, "refusal-only": router + experts,
                "safemoe": router + experts, "safemoe-static": router}
-    n_items = sum(len(load_suite_records(load_suite(s), limit=limit)) for s in (SAFETY, "over-refusal"))
+    n_items = sum(len(load_suite_records(load_suite(s), limit=limit)) for s in (SAFETY, OVER_REFUSAL))
     return {"steps": sum(per_arm[a] for a in arms), "items": n_items * len(arms)}
 
 
@@ -527,8 +531,7 @@ def main() -> None:
             metrics = json.loads((ev / "metrics.json").read_text())
             atomic_write_json(dest / "generalisation.json", generalisation(metrics, domains, unseen))
             if arm in SAFEMOE_ARMS and (evaluated or not (dest / "routing.json").is_file()):
-                atomic_write_json(dest / "routing.json", routing_diagnostics(run_dir, ev, domains,
-                                                                             max_items=args.limit))
+                atomic_write_json(dest / "routing.json", routing_diagnostics(run_dir, ev, domains))
             entry = {"train_s": round(t1 - t0, 1), "eval_s": round(t2 - t1, 1),
                      "train_cpu_s": round(c1 - c0, 1), "eval_cpu_s": round(c2 - c1, 1)}
             if run_dir is not None and not was_done:
@@ -556,7 +559,7 @@ def main() -> None:
               + (f", capped at {args.steps} steps" if args.steps else "") + ". "
               f"Judges: embedding-minilm (safety, over-refusal); {judge_note}. "
               f"Suites: safety = built-in harmful test split, all 8 domains, 128 new tokens; "
-              f"over-refusal = built-in seemingly-toxic test split"
+              f"over-refusal = built-in seemingly-toxic test split (seeded 100 of 150)"
               + (f"; at most {args.limit} items per suite" if args.limit else "") + ".")
     # every arm with results, not only those run now (a later `--arms X` run must not drop the others)
     reported = [a for a in (*ARMS, *OPTIONAL_ARMS) if any((results / f"{a}-seed{s}").is_dir() for s in args.seeds)]
