@@ -13,43 +13,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+
+from common import (ADVBENCH, XSTEST_SAFE, check_public_suites, copy_aggregates, evaluate, fmt_delta,  # noqa: E402
+                    paired_delta, summarise, train)
+
 ARMS = ("base", "sft", "stl-aug", "dcr")
-SUITES = ["safety", "over-refusal", "capability", str(HERE / "suites" / "advbench.yaml"),
-          str(HERE / "suites" / "xstest-safe.yaml")]
+SUITES = ["safety", "over-refusal", "capability", ADVBENCH, XSTEST_SAFE]
+SUITE_NAMES = ["safety", "over-refusal", "advbench", "xstest-safe", "capability"]
 
 
 def train_arm(arm: str, seed: int, runs: Path, steps: int, extra: list[str]) -> Path | None:
-    from tactful.methods.registry import train_recipe
-
     if arm == "base":
         return None
-    out = runs / f"{arm}-seed{seed}"
-    recipe = "dcr.yaml" if arm == "dcr" else "sft.yaml"
     prefix = "sft." if arm == "dcr" else ""
-    overrides = [f"output_dir={out}", f"seed={seed}", f"{prefix}training.max_steps={steps}", *extra]
+    overrides = [f"seed={seed}", f"{prefix}training.max_steps={steps}", *extra]
     if arm == "stl-aug":
         overrides.append("data.extra=[builtin-seemingly-toxic-answers]")
-    if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text()).get("status") == "complete":
-        return out
-    train_recipe(str(ROOT / "recipes" / recipe), overrides)
-    return out
+    return train("dcr.yaml" if arm == "dcr" else "sft.yaml", runs / f"{arm}-seed{seed}", overrides)
 
 
-def evaluate_arm(arm: str, seed: int, run_dir: Path | None, runs: Path, limit: int | None) -> Path:
-    from tactful.eval.runner import EvalConfig, evaluate
-
-    out = runs / f"{arm}-seed{seed}" / "eval"
-    cfg = EvalConfig(model="embedded", run=str(run_dir) if run_dir else None, suites=SUITES, out=str(out),
-                     seed=seed, limit=limit)
-    evaluate(cfg)
-    return out
+def claim_table(runs: Path, arms: list[str], seeds: list[int]) -> str:
+    """Each trained arm minus `sft`, paired over the same prompts (points, bootstrap 95% CI)."""
+    lines = ["| arm - sft | seed | " + " | ".join(SUITE_NAMES) + " |", "|---|---|" + "---|" * len(SUITE_NAMES)]
+    for arm in [a for a in arms if a not in ("base", "sft")]:
+        for s in seeds:
+            a, b = runs / f"{arm}-seed{s}" / "eval", runs / f"sft-seed{s}" / "eval"
+            if (a / "metrics.json").exists() and (b / "metrics.json").exists():
+                cells = [fmt_delta(paired_delta(a, b, suite, seed=s)) for suite in SUITE_NAMES]
+                lines.append(f"| {arm} | {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -61,37 +60,31 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="cap items per suite (for a quick look)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override for the trained arms")
     args = ap.parse_args()
-    for s in SUITES[3:]:
-        from tactful.eval.suites import load_suite
-
-        suite = load_suite(s)
-        if not Path(suite.path).exists():
-            sys.exit(f"error: {suite.path} not found: the public evaluation files live in ../shared/data")
-    runs = Path(args.runs)
-    results = HERE / "results"
-    timings = {}
+    check_public_suites(SUITES)
+    runs, results = Path(args.runs), HERE / "results"
+    timings_path = results / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for seed in args.seeds:
         for arm in args.arms:
             t0 = time.time()
             run_dir = train_arm(arm, seed, runs, args.steps, args.extra)
             t1 = time.time()
-            ev = evaluate_arm(arm, seed, run_dir, runs, args.limit)
-            timings[f"{arm}-seed{seed}"] = {"train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
-            dest = results / f"{arm}-seed{seed}"
-            dest.mkdir(parents=True, exist_ok=True)
-            # Aggregates only: per-item files hold public benchmark prompts, which are not committed.
-            for name in ("metrics.json", "report.md", "manifest.json"):
-                shutil.copy(ev / name, dest / name)
-            if run_dir is not None:
-                for name in ("manifest.json", "dcr_diagnostics.json", "train_log_adapter.json"):
-                    if (run_dir / name).exists():
-                        shutil.copy(run_dir / name, dest / f"train_{name}")
-    (results / "timings.json").write_text(json.dumps(timings, indent=2))
-    from experiments_summary import summarise  # noqa: E402  (sibling module)
-
-    summarise(results, args.seeds)
+            ev = evaluate(run_dir, SUITES, runs / f"{arm}-seed{seed}" / "eval", seed=seed, limit=args.limit)
+            # the first complete pass is the measurement; a resumed re-run only re-reads finished work
+            timings.setdefault(f"{arm}-seed{seed}", {"train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)})
+            copy_aggregates(ev, results / f"{arm}-seed{seed}", run_dir,
+                            run_files=("manifest.json", "dcr_diagnostics.json", "train_log_adapter.json"))
+            results.mkdir(parents=True, exist_ok=True)
+            timings_path.write_text(json.dumps(timings, indent=2))
+    header = ("Model: SmolLM2-135M-Instruct (embedded). Judge: embedding-minilm. Values: share refused (safety, "
+              "advbench) or fully complied with (over-refusal, xstest-safe), multiple-choice accuracy (capability); "
+              "one seed: bootstrap 95% CI.")
+    summarise(results, list(ARMS), SUITE_NAMES, args.seeds, header=header)
+    claims = claim_table(runs, list(ARMS), args.seeds)
+    with open(results / "summary.md", "a") as f:
+        f.write("\nPaired differences against `sft` (points; same prompts; bootstrap 95% CI):\n\n" + claims + "\n")
+    print(claims)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
     main()
