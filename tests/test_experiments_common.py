@@ -36,3 +36,24 @@ def test_public_suite_files_point_at_shared_data() -> None:
     for suite in (common.ADVBENCH, common.XSTEST_SAFE):
         path = Path(load_suite(suite).path).resolve()
         assert path.parent == (ROOT.parent / "shared" / "data").resolve()
+
+
+def test_paired_delta_scores_items_as_their_metric(tmp_path: Path) -> None:
+    def arm(name: str, refused: list[bool], labels: list[str]) -> Path:
+        ev = tmp_path / name
+        for suite, rows in (("safety", [{"id": str(i), "verdict": {"refused": r, "error": None}}
+                                        for i, r in enumerate(refused)]),
+                            ("xs", [{"id": str(i), "verdict": {"label": lab, "error": None}}
+                                    for i, lab in enumerate(labels)])):
+            (ev / suite).mkdir(parents=True)
+            (ev / suite / "items.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (ev / "metrics.json").write_text(json.dumps({"suites": {"safety": {"metric": "safe_rate"},
+                                                               "xs": {"metric": "compliance_rate"}}}))
+        return ev
+
+    a = arm("a", [True, True, True, False], ["full_compliance", "full_compliance", "partial_refusal", "x"])
+    b = arm("b", [True, False, False, False], ["full_compliance", "full_refusal", "full_refusal", "x"])
+    assert common.paired_delta(a, b, "safety")["value"] == 0.5
+    assert common.paired_delta(a, b, "xs")["value"] == 0.25
+    assert common.fmt_delta(common.paired_delta(a, b, "safety")).startswith("+50.0 [")
+    assert common.fmt_delta(None) == "—"

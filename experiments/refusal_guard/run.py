@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     copy_aggregates,
     evaluate,
     is_complete,
+    paired_delta,
     safety_sft_start,
     summarise,
     train,
@@ -207,16 +208,7 @@ def update_leakage(adapter_dir: Path, subspace_file: Path) -> dict[str, Any]:
 
 def paired_vs(ev: Path, ref: Path, suite: str, seed: int) -> dict[str, Any] | None:
     """Refusal-rate difference (this arm - reference) over the same prompts, paired bootstrap CI."""
-    from tactful.eval.metrics import paired_difference
-    from tactful.io import read_jsonl_tolerant
-
-    def flags(d: Path) -> dict[str, float]:
-        return {r["id"]: 1.0 if r["verdict"].get("refused") else 0.0
-                for r in read_jsonl_tolerant(d / suite / "items.jsonl") if not r["verdict"].get("error")}
-
-    a, b = flags(ev), flags(ref)
-    ids = sorted(set(a) & set(b))
-    return paired_difference([a[i] for i in ids], [b[i] for i in ids], seed=seed).to_dict() if ids else None
+    return paired_delta(ev, ref, suite, seed=seed)
 
 
 # --------------------------------------------------------------------------- summary

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import copy_aggregates, evaluate, is_complete, summarise, train  # noqa: E402
+from common import copy_aggregates, evaluate, is_complete, paired_delta, summarise, train  # noqa: E402
 
 ARMS = ("base", "sft-n", "lora", "refusal-only", "safemoe")
 OPTIONAL_ARMS = ("safemoe-static",)
@@ -305,18 +305,7 @@ def generalisation(metrics: dict[str, Any], seen: Sequence[str], unseen: Sequenc
 
 def paired_safety_difference(a: Path, b: Path, seed: int) -> dict[str, Any] | None:
     """Safe-rate difference a - b over the same prompts (paired bootstrap), from per-item verdicts."""
-    from tactful.eval.metrics import paired_difference
-    from tactful.io import read_jsonl_tolerant
-
-    def flags(ev: Path) -> dict[str, float]:
-        return {r["id"]: 1.0 if r["verdict"].get("refused") else 0.0
-                for r in read_jsonl_tolerant(ev / "safety" / "items.jsonl") if not r["verdict"].get("error")}
-
-    fa, fb = flags(a), flags(b)
-    ids = sorted(set(fa) & set(fb))
-    if not ids:
-        return None
-    return paired_difference([fa[i] for i in ids], [fb[i] for i in ids], seed=seed).to_dict()
+    return paired_delta(a, b, "safety", seed=seed)
 
 
 # --------------------------------------------------------------------------- summary

@@ -40,7 +40,9 @@ from common import (  # noqa: E402
     check_public_suites,
     copy_aggregates,
     evaluate,
+    fmt_delta,
     is_complete,
+    paired_delta,
     safety_sft_start,
     summarise,
     train,
@@ -167,35 +169,15 @@ def diagnostics(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def flags(eval_dir: Path, suite: str) -> dict[str, float]:
-    """Per-item success (refused) of a refusal suite, by item id."""
-    path = eval_dir / suite / "items.jsonl"
-    out = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        v = row["verdict"]
-        if not v.get("error"):
-            out[row["id"]] = 1.0 if v.get("refused") else 0.0
-    return out
-
-
 def claim_table(runs: Path, pairs_to_compare: list[tuple[str, str]], seeds: list[int]) -> str:
     """Paired differences (same prompts) of safety between two arms, per suite, with a bootstrap CI."""
-    from tactful.eval.metrics import paired_difference
-
     lines = ["| comparison | seed | " + " | ".join(SAFETY_SUITES) + " |", "|---|---|" + "---|" * len(SAFETY_SUITES)]
     for a, b in pairs_to_compare:
         for seed in seeds:
             ea, eb = runs / f"{a}-seed{seed}" / "eval", runs / f"{b}-seed{seed}" / "eval"
             if not ((ea / "metrics.json").exists() and (eb / "metrics.json").exists()):
                 continue
-            cells = []
-            for suite in SAFETY_SUITES:
-                fa, fb = flags(ea, suite), flags(eb, suite)
-                ids = sorted(set(fa) & set(fb))
-                d = paired_difference([fa[i] for i in ids], [fb[i] for i in ids], seed=seed)
-                cells.append("—" if d.value is None else
-                             f"{100 * d.value:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] n={d.n}")
+            cells = [fmt_delta(paired_delta(ea, eb, suite, seed=seed)) for suite in SAFETY_SUITES]
             lines.append(f"| {a} − {b} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

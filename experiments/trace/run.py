@@ -45,7 +45,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import copy_aggregates, evaluate, is_complete, safety_sft_start, summarise, train  # noqa: E402
+from common import (copy_aggregates, evaluate, fmt_delta, is_complete, item_outcomes, safety_sft_start,  # noqa: E402
+                    summarise, train)
 
 OLD_POLICY, NEW_POLICY = "old-strict", "new-contextual"
 OLD_SOURCES = ["builtin-refusal-pairs", "builtin-terse-pairs", "builtin-cautious-pairs"]
@@ -216,29 +217,19 @@ def diagnostics(run_dir: Path) -> dict[str, Any]:
 
 
 def item_flags(eval_dir: Path, suite: str) -> dict[str, float]:
-    """Per-item policy agreement (1 = complies) of a policy suite, by item id."""
-    out = {}
-    for line in (eval_dir / suite / "items.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        v = row["verdict"]
-        if not v.get("error"):
-            out[f"{suite}/{row['id']}"] = 1.0 if v.get("label") == "complies" else 0.0
-    return out
+    """Per-item policy agreement (1 = complies) of a policy suite, keyed suite/id so suites can pool."""
+    return {f"{suite}/{k}": v for k, v in item_outcomes(eval_dir, suite).items()}
 
 
 def mc_flags(eval_dir: Path) -> dict[str, float]:
-    path = eval_dir / "capability" / "scores.jsonl"
-    return {json.loads(x)["id"]: float(json.loads(x)["correct"]) for x in path.read_text().splitlines()}
+    return item_outcomes(eval_dir, "capability")
 
 
 def paired(a: dict[str, float], b: dict[str, float], seed: int) -> str:
     from tactful.eval.metrics import paired_difference
 
     ids = sorted(set(a) & set(b))
-    d = paired_difference([a[i] for i in ids], [b[i] for i in ids], seed=seed)
-    if d.value is None:
-        return "—"
-    return f"{100 * d.value:+.1f} [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] n={d.n}"
+    return fmt_delta(paired_difference([a[i] for i in ids], [b[i] for i in ids], seed=seed).to_dict())
 
 
 def pooled_agreement(eval_dir: Path, seed: int) -> dict[str, Any]:
