@@ -76,6 +76,24 @@ def test_probe_recovers_a_planted_direction():
     assert torch.nn.functional.cosine_similarity(probe.direction, u, dim=0) > 0.9  # unsafe minus safe
 
 
+def test_probe_holds_out_whole_prompts():
+    """Siblings (same prompt, opposite labels) never straddle the split: a probe that memorises
+    prompts instead of toxicity must not look good on held-out data."""
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randn(40, 16, generator=g)
+    x = prompts.repeat_interleave(2, 0) + 0.01 * torch.randn(80, 16, generator=g)  # features = the prompt
+    y = torch.arange(80) % 2
+    groups = [i // 2 for i in range(80)]
+    probe = fit_probe(x, y, seed=0, groups=groups)
+    assert probe.n_heldout == 16 and probe.n_train == 64
+    # no information about toxicity in the features: chance on held-out prompts (both siblings get
+    # the same prediction) -- while a split by response scores the memorised sibling, below chance
+    assert 0.4 <= probe.heldout_accuracy <= 0.6
+    assert fit_probe(x, y, seed=0).heldout_accuracy < 0.3
+    with pytest.raises(ValueError):
+        fit_probe(x, y, groups=groups[:10])
+
+
 def test_probe_labels_from_pairs_or_a_judge_agree():
     pairs = make_pairs(4)
     items, unsafe = _probe_items(pairs, "pairs", 100, 0)

@@ -197,7 +197,7 @@ class Probe:
 
 
 def fit_probe(features: torch.Tensor, unsafe: torch.Tensor, *, steps: int = 100, l2: float = 1e-3,
-              seed: int = 0, heldout_fraction: float = 0.2) -> Probe:
+              seed: int = 0, heldout_fraction: float = 0.2, groups: Sequence[Any] | None = None) -> Probe:
     """Two-class logistic regression (softmax over {safe, unsafe}) by full-batch L-BFGS.
 
     Deterministic: zero initialisation and a seeded held-out split. Features are not
@@ -209,10 +209,17 @@ def fit_probe(features: torch.Tensor, unsafe: torch.Tensor, *, steps: int = 100,
     if y.unique().numel() < 2:
         raise UserError("the ShaPO probe needs both safe and unsafe responses; check the pairs' chosen_safe / "
                         "rejected_safe labels or probe.labels")
-    order = list(range(len(y)))
-    random.Random(seed).shuffle(order)
-    n_held = int(len(y) * heldout_fraction) if len(y) >= 20 else 0
-    held, train = order[:n_held], order[n_held:]
+    # Held out by group (the prompt): a response whose sibling (same prompt, other label) is in
+    # training measures how well the probe memorised that prompt, not toxicity.
+    keys = list(groups) if groups is not None else list(range(len(y)))
+    if len(keys) != len(y):
+        raise ValueError("fit_probe: one group per example")
+    distinct = list(dict.fromkeys(keys))
+    random.Random(seed).shuffle(distinct)
+    n_held_groups = int(len(distinct) * heldout_fraction) if len(y) >= 20 else 0
+    held_groups = set(distinct[:n_held_groups])
+    held = [i for i, k in enumerate(keys) if k in held_groups]
+    train = [i for i, k in enumerate(keys) if k not in held_groups]
     w = torch.zeros(2, x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
@@ -518,7 +525,8 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
         with ctx:  # the starting model (at init LoRA adds exactly zero anyway)
             feats = pooled_hidden_states(model, setup.tokenizer, items, pool=pr.pool, system=config.system,
                                          max_length=config.training.max_length, batch_size=pr.batch_size)
-        probe = fit_probe(feats.cpu(), torch.tensor(unsafe), steps=pr.steps, l2=pr.l2, seed=config.seed)
+        probe = fit_probe(feats.cpu(), torch.tensor(unsafe), steps=pr.steps, l2=pr.l2, seed=config.seed,
+                          groups=[prompt for prompt, _ in items])
         direction = probe.direction
         scores = neuron_scores(modules, direction)
         masks = select_neurons(scores, s.mask_fraction, s.sign)
