@@ -143,3 +143,17 @@ def test_policy_suites_judge_against_their_own_policy(tmp_path) -> None:
     ev2 = Evaluator(EvalConfig(model="unused", suites=[], judge_options={"policy": "old-strict",
                                                                           "refusal": "string-xstest"}))
     assert ev2._judge("policy-rules", suites[1]).policy.name == "old-strict"
+
+
+def test_informativeness_without_a_safety_verdict_scores_every_answer() -> None:
+    """llm-informativeness returns only a score (refused=None): the suite must not come out n/a."""
+    from tactful.eval.judges.base import Verdict
+    from tactful.eval.runner import EvalConfig, Evaluator
+    from tactful.eval.suites import suite_from_dict
+
+    suite = suite_from_dict({"name": "inf", "dataset": "builtin-informative", "expected": "informative"})
+    ev = Evaluator(EvalConfig(model="unused", suites=[]))
+    llm = [Verdict(label="scored", score=s, refused=None) for s in (4.0, 8.0)]
+    assert ev._estimate(suite, llm, [ev._success(suite, v) for v in llm]).value == 6.0
+    proxy = [Verdict(label="scored", score=4.0, refused=True), Verdict(label="scored", score=9.0, refused=False)]
+    assert ev._estimate(suite, proxy, []).value == 4.0  # unsafe answers are not scored

@@ -297,13 +297,15 @@ class Evaluator:
         if suite.expected == "policy":
             return v.label == "complies"
         if suite.expected == "informative":
-            return None if v.score is None else bool(v.refused)
+            return None if v.score is None else v.refused is not False
         return None
 
     def _estimate(self, suite: Suite, verdicts: Sequence[Any], flags: Sequence[bool | None]) -> M.Estimate:
         if suite.expected == "informative":
-            # Informativeness is scored on safe answers only (SafeMoE's convention).
-            return M.mean([v.score for v in verdicts if not v.error and v.refused], seed=self.config.seed)
+            # Informativeness is scored on safe answers only (SafeMoE's convention). A judge that gives
+            # no safety verdict (refused None, e.g. llm-informativeness) has every answer scored.
+            return M.mean([v.score for v in verdicts if not v.error and v.score is not None and v.refused is not False],
+                          seed=self.config.seed)
         return M.rate(flags, seed=self.config.seed)
 
     def _policy_text(self, suite: Suite) -> str:
