@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from tactful.eval.generation import GenerationConfig, HFGenerator, chat_prompts, stop_token_ids
 from tactful.io import atomic_write_json
 from tactful.models import load_model
+from machine import machine_info  # noqa: E402  (benchmarks/ is the script's folder)
 
 # 64 varied user prompts: short factual questions (short answers, early EOS), long-form
 # requests (run to the token limit), instructions, harmful and harmless-but-edgy asks.
@@ -271,15 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": len(PROMPTS),
         "prompt_tokens": prompt_tokens,
         "settings": {"max_new_tokens": args.max_new_tokens, "greedy": True, "batch_size": args.batch_size},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine_info(load_before),
         "matmul_gflops": round(gflops, 1),
         "roofline_tokens_per_s": round(roofline, 1),
         "results": rows,

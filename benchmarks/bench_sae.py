@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from machine import machine_info  # noqa: E402  (benchmarks/ is the script's folder)
 
 SIDES = ("tactful", "saelens")
 
@@ -293,15 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                      "batch_size": a.batch_size, "steps": a.steps, "lr": a.lr, "lr_decay": "linear, last 20 %",
                      "aux_k_coefficient": 1 / 32, "dead_window_tokens": a.dead_window_tokens},
         "saelens_absent": absent,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine_info(load_before),
         "matmul_gflops": round(gflops, 1),
         "roofline_tokens_per_s": round(roofline, 1),
         "results": results,

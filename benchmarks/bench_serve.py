@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -46,6 +45,7 @@ from tactful.eval.generation import GenerationConfig, HFGenerator  # noqa: E402
 from tactful.io import atomic_write_json  # noqa: E402
 from tactful.models import load_model  # noqa: E402
 from tactful.serve.app import ChatServer  # noqa: E402
+from machine import machine_info  # noqa: E402  (benchmarks/ is the script's folder)
 
 MODEL = "embedded"
 
@@ -169,15 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"requests_per_level": len(prompts), "max_tokens": args.max_tokens, "greedy": True,
                      "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "server": "in-process uvicorn",
                      "client": "requests, one session per client thread"},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine_info(load_before),
         "results": rows,
         "engine_ceiling": offline,
         "summary": summary,

@@ -30,7 +30,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from tactful.methods.trace import impact as impact_module
 from tactful.methods.preference import PairDataSettings
 from tactful.methods.trace.train import TraceConfig, TraceSettings, train_trace
 from tactful.models import load_model
+from machine import machine_info  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def clocked(name: str, fn: Callable, clock: dict[str, tuple[float, float]]) -> Callable:
@@ -115,15 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                      "beta": cfg.loss.beta, "gold_batch_size": cfg.trace.gold_batch_size,
                      "scoring_batch_size": cfg.trace.scoring_batch_size, "policy": cfg.trace.policy,
                      "judge": manifest["trace"]["judge"]},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "machine": machine_info(load_before),
         "triage": manifest["trace"]["triage"],
         "training_pairs": training,
         "gold_pairs": impact["gold"],
