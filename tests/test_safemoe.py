@@ -145,6 +145,53 @@ def test_top_k_keeps_exactly_k_experts_and_renormalises(env, k):
     assert torch.allclose(used.gather(-1, top.indices), top.values / top.values.sum(-1, keepdim=True), atol=1e-6)
 
 
+def test_null_expert_weights_sum_to_one_with_it_and_can_switch_the_experts_off(env):
+    model, tok, moe = _moe(env, settings=RouterSettings(null_expert=True))  # near-uniform start
+    batch = _batch(tok)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with moe.record() as rec, torch.no_grad():
+        mixed = model(**inputs).logits
+    w = rec.calls[0]  # [L, B, T, E + 1]: the last column is the null expert
+    assert rec.expert_names == ["a", "b", "c", "none"] and w.shape[-1] == 4
+    assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6)
+    assert torch.allclose(w[..., :3].sum(-1), torch.full(w.shape[:-1], 0.75), atol=0.05)  # 3 of 4 slots
+    with torch.no_grad():
+        base_logits = tiny_model(seed=0)[0](**inputs).logits
+        moe.router.weight.zero_()
+        moe.router.bias.copy_(torch.tensor([[0.0, 0.0, 0.0, 60.0]] * 4))  # all weight on "none"
+        assert torch.allclose(model(**inputs).logits, base_logits, atol=1e-5)
+    assert not torch.allclose(mixed, base_logits, atol=1e-3)
+
+
+def test_tanh_gates_are_signed_start_at_the_base_model_and_mix_linearly(env):
+    model, tok, moe = _moe(env, settings=RouterSettings(gate="tanh", init_std=0.0))
+    batch = _batch(tok)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        base_logits = tiny_model(seed=0)[0](**inputs).logits
+        assert torch.equal(model(**inputs).logits, base_logits)  # tanh(0) = 0: no expert at the start
+        moe.router.bias.copy_(torch.tensor([[-1.0, 0.5, 0.0]] * 4))
+    experts = [read_expert(env[n], n) for n in ("a", "b", "c")]
+    name = "model.layers.2.self_attn.q_proj"
+    seen = {}
+    model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.__setitem__("x", (a[0], out)))
+    with moe.record() as rec, torch.no_grad():
+        model(**inputs)
+    w = rec.calls[0]
+    assert torch.allclose(w[0, 0, 0], torch.tanh(torch.tensor([-1.0, 0.5, 0.0])), atol=1e-6)
+    x, out = seen["x"]
+    expected = model.get_submodule(name).base_layer(x)
+    for i, e in enumerate(experts):
+        if name in e.modules:  # a (subtracted) and b
+            A, B, scaling = e.modules[name]
+            expected = expected + math.tanh([-1.0, 0.5, 0.0][i]) * (x @ A.T @ B.T) * scaling
+    assert torch.allclose(out, expected, atol=1e-5)
+    # top-k with tanh keeps the k largest |weights|, not renormalised
+    moe.router.settings.top_k = 1
+    used, full = moe.router.probs(torch.tensor([[-2.0, 0.5, 1.0]]))
+    assert torch.allclose(used, torch.tensor([[math.tanh(-2.0), 0.0, 0.0]]), atol=1e-6)
+
+
 def test_one_forward_pass_per_step(env):
     """Gates come from a pre-hook on each decoder layer: every layer and every base linear runs
     exactly once per model call (X-LoRA runs the whole model twice)."""
@@ -303,6 +350,30 @@ def test_router_learns_to_pick_the_expert_the_safe_set_needs_and_nothing_else_tr
                                                                            "safemoe_router.bias"]
 
 
+def test_router_with_a_null_expert_learns_to_turn_down_an_expert_that_hurts(fruit_experts, tmp_path):
+    """One 'apple' expert, a safe set that wants 'banana': a plain softmax must keep the expert at
+    weight 1; with the null slot the router learns to turn it down (towards the base model)."""
+    model, tok, moe = _moe(fruit_experts, names=("apple",), settings=RouterSettings(null_expert=True))
+    held_out = _fruit("banana", range(100, 104))
+    batch = collate([encode_example(tok, e.prompt, e.response) for e in held_out], tok.pad_token_id)
+    before = _expert_weight(model, moe, batch, 0)
+    train_router(model, tok, _fruit("banana", range(20, 28)), training=_router_training(12), seed=0,
+                 checkpoint_dir=tmp_path / "ck", log=_quiet)
+    after = _expert_weight(model, moe, batch, 0)
+    assert 0.4 < before < 0.6 and after < 0.3, (before, after)
+
+
+def test_tanh_router_learns_to_pick_the_expert_the_safe_set_needs(fruit_experts, tmp_path):
+    model, tok, moe = _moe(fruit_experts, names=("apple", "banana"), settings=RouterSettings(gate="tanh"))
+    held_out = _fruit("banana", range(100, 104))
+    batch = collate([encode_example(tok, e.prompt, e.response) for e in held_out], tok.pad_token_id)
+    assert abs(_expert_weight(model, moe, batch, 1)) < 0.05  # tanh gates start (nearly) off
+    train_router(model, tok, _fruit("banana", range(20, 28)), training=_router_training(12), seed=0,
+                 checkpoint_dir=tmp_path / "ck", log=_quiet)
+    apple, banana = (_expert_weight(model, moe, batch, i) for i in (0, 1))
+    assert banana > 0.5 and banana > apple + 0.3, (apple, banana)
+
+
 class _Interrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == 3:
@@ -349,7 +420,7 @@ def test_regularisers_match_hand_computed_values(env):
 def test_bundle_round_trips_with_identical_logits_in_a_fresh_process(env, tmp_path):
     from tactful.runs import load_run_model
 
-    model, tok, moe = _moe(env, settings=RouterSettings(top_k=2, init_std=0.3), seed=3)
+    model, tok, moe = _moe(env, settings=RouterSettings(top_k=2, init_std=0.3, null_expert=True), seed=3)
     bundle = save_bundle(model, tmp_path / "bundle")
     assert {p.name for p in bundle.iterdir()} >= {"experts", "router.safetensors", "safemoe_config.json",
                                                   "manifest.json"}
@@ -398,6 +469,13 @@ def test_bad_experts_and_settings_are_user_errors(env, tmp_path):
         read_expert(bad)
     with pytest.raises(UserError, match="top_k"):
         _moe(env, settings=RouterSettings(top_k=4))
+    _moe(env, settings=RouterSettings(top_k=4, null_expert=True))  # the null expert is a fourth slot
+    with pytest.raises(UserError, match="router.gate"):
+        _moe(env, settings=RouterSettings(gate="sigmoid"))
+    with pytest.raises(UserError, match="null_expert needs"):
+        _moe(env, settings=RouterSettings(gate="tanh", null_expert=True))
+    with pytest.raises(UserError, match="softmax gates only"):
+        _moe(env, settings=RouterSettings(gate="tanh", entropy_weight=0.1))
     model, _, _ = _moe(env)
     with pytest.raises(UserError, match="already has SafeMoE"):
         attach_safemoe(model, [read_expert(env["a"])])

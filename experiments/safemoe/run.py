@@ -14,6 +14,8 @@ default; --epochs raises it for all of them):
                   the unsafe corpus (the paper's Refusal-Only control), same router training
     safemoe       recipes/safemoe.yaml: unsafe experts for 4 domains + the router
     safemoe-static  (optional) the same experts, one routing decision per sequence (ablation)
+    safemoe-null    (optional) the same experts, softmax gate with a "none" slot (router.null_expert)
+    safemoe-tanh    (optional) the same experts, signed tanh gates (router.gate=tanh)
 
 The unsafe corpus (the model's own judged-compliant answers to the built-in harmful train
 prompts of the 4 domains) is built once and reused by every SafeMoE arm and seed.
@@ -44,9 +46,13 @@ sys.path.insert(0, str(HERE.parent))
 from common import copy_aggregates, evaluate, is_complete, paired_delta, summarise, train  # noqa: E402
 
 ARMS = ("base", "sft-n", "lora", "refusal-only", "safemoe")
-OPTIONAL_ARMS = ("safemoe-static",)
+OPTIONAL_ARMS = ("safemoe-static", "safemoe-null", "safemoe-tanh")
 BASELINES = ("base", "sft-n", "lora", "refusal-only")
-SAFEMOE_ARMS = ("refusal-only", "safemoe", "safemoe-static")
+SAFEMOE_ARMS = ("refusal-only", "safemoe", "safemoe-static", "safemoe-null", "safemoe-tanh")
+# Router variants that reuse the safemoe arm's experts: only the router differs
+REUSED_EXPERT_ARMS = {"safemoe-static": ["router.granularity=sequence"],
+                      "safemoe-null": ["router.null_expert=true"],
+                      "safemoe-tanh": ["router.gate=tanh"]}
 SAFETY = str(HERE / "suites" / "safety.yaml")  # built-in harmful test split, 128 new tokens
 OVER_REFUSAL = str(HERE / "suites" / "over-refusal.yaml")  # built-in seemingly-toxic test split, 100 of 150
 SUITES = ("safety", "informativeness", "over-refusal")
@@ -164,12 +170,12 @@ def train_arm(arm: str, seed: int, runs: Path, safe_set: Path, unsafe_dir: Path,
         overrides.append(f"corpus.source={refusal_dir}")
     elif arm == "safemoe":
         overrides.append(f"corpus.source={unsafe_dir}")
-    elif arm == "safemoe-static":
+    elif arm in REUSED_EXPERT_ARMS:
         source = runs / f"safemoe-seed{seed}"
         if not is_complete(source):
-            sys.exit("error: the safemoe-static arm reuses the safemoe arm's experts; run --arms safemoe first")
+            sys.exit(f"error: the {arm} arm reuses the safemoe arm's experts; run --arms safemoe first")
         experts = ", ".join(f"{d}: {source / 'experts' / d}" for d in recipe_config().domains)
-        overrides += [f"experts.adapters={{{experts}}}", "router.granularity=sequence"]
+        overrides += [f"experts.adapters={{{experts}}}", *REUSED_EXPERT_ARMS[arm]]
     else:
         raise ValueError(arm)
     return train(str(RECIPE), out, [*overrides, *extra])
@@ -230,7 +236,9 @@ def llm_informativeness(ev: Path, judge: dict[str, str], seed: int) -> None:
 def routing_diagnostics(run_dir: Path, ev: Path, domains: Sequence[str], max_items: int | None = 72) -> dict[str, Any]:
     """Expert weights over the reply tokens the arm actually generated for the held-out harmful
     prompts (teacher-forced, one prompt at a time): per test domain the mean weight of each
-    expert, and the routing entropy normalised by log(E) (1 = uniform, 0 = one expert).
+    expert (and of the null expert, if the router has one), the experts' total weight (1 for a
+    plain softmax gate), and for softmax gates the routing entropy normalised by log(slots)
+    (1 = uniform, 0 = one slot).
     At most `max_items` prompts, taken at an even stride so every domain is represented."""
     import torch
 
@@ -241,13 +249,14 @@ def routing_diagnostics(run_dir: Path, ev: Path, domains: Sequence[str], max_ite
 
     model, tok, _ = load_run_model(run_dir)
     moe = get_safemoe(model)
-    experts = list(moe.expert_names)
+    experts, slots = list(moe.expert_names), moe.slot_names
+    softmax = moe.settings.gate == "softmax"
     rows = [r for r in read_jsonl_tolerant(ev / "safety" / "items.jsonl") if r.get("response", "").strip()]
     if max_items and len(rows) > max_items:
         rows = rows[:: math.ceil(len(rows) / max_items)]
     per_domain: dict[str, list[torch.Tensor]] = {}
     entropies: dict[str, list[float]] = {}
-    log_e = math.log(len(experts))
+    log_e = math.log(len(slots))
     for r in rows:
         prompt_ids = tok(format_prompt(tok, r["prompt"]), add_special_tokens=False)["input_ids"]
         reply_ids = tok(r["response"], add_special_tokens=False)["input_ids"]
@@ -257,23 +266,27 @@ def routing_diagnostics(run_dir: Path, ev: Path, domains: Sequence[str], max_ite
         w = rec.per_token(0)[len(prompt_ids):]  # [reply tokens, layers, experts]
         if w.numel() == 0:
             continue
-        ent = -(w * w.clamp(min=1e-9).log()).sum(-1) / log_e
         cat = r.get("category") or "all"
         per_domain.setdefault(cat, []).append(w.mean((0, 1)))
-        entropies.setdefault(cat, []).append(float(ent.mean()))
-    out: dict[str, Any] = {"experts": experts, "tokens": "reply tokens of the safety suite's generations",
-                           "per_domain": {}}
+        if softmax:
+            ent = -(w * w.clamp(min=1e-9).log()).sum(-1) / log_e
+            entropies.setdefault(cat, []).append(float(ent.mean()))
+    out: dict[str, Any] = {"experts": slots, "gate": moe.settings.gate,
+                           "tokens": "reply tokens of the safety suite's generations", "per_domain": {}}
     for cat in sorted(per_domain):
         mean_w = torch.stack(per_domain[cat]).mean(0).tolist()
         out["per_domain"][cat] = {"n": len(per_domain[cat]), "seen": cat in domains,
-                                  "expert_weight": {e: round(v, 4) for e, v in zip(experts, mean_w)},
-                                  "entropy": round(sum(entropies[cat]) / len(entropies[cat]), 4)}
+                                  "expert_weight": {e: round(v, 4) for e, v in zip(slots, mean_w)},
+                                  "total_expert_weight": round(sum(mean_w[: len(experts)]), 4),
+                                  "entropy": round(sum(entropies[cat]) / len(entropies[cat]), 4) if softmax else None}
     seen = [cat for cat in out["per_domain"] if cat in experts]
     if seen:
         # Does a seen domain's prompt route to its own expert more than chance (1/E)?
         out["own_expert_weight_seen"] = round(sum(out["per_domain"][c]["expert_weight"][c] for c in seen) / len(seen), 4)
     all_ent = [e for v in entropies.values() for e in v]
     out["entropy_mean"] = round(sum(all_ent) / len(all_ent), 4) if all_ent else None
+    totals = [d["total_expert_weight"] for d in out["per_domain"].values()]
+    out["total_expert_weight_mean"] = round(sum(totals) / len(totals), 4) if totals else None
     return out
 
 
@@ -407,10 +420,12 @@ def write_summary(results: Path, runs: Path, arms: Sequence[str], seeds: Sequenc
     routing = [(a, s) for a in arms for s in seeds if (results / f"{a}-seed{s}" / "routing.json").is_file()]
     if routing:
         parts += ["## Routing (reply tokens of the held-out harmful prompts)", "",
-                  "| arm | seed | entropy / log E | own-expert weight, seen domains (chance 0.25) |", "|---|---|---|---|"]
+                  "| arm | seed | gate | entropy / log(slots) | experts' total weight | own-expert weight, seen "
+                  "domains (uniform softmax: 0.25) |", "|---|---|---|---|---|---|"]
         for a, s in routing:
             r = json.loads((results / f"{a}-seed{s}" / "routing.json").read_text())
-            parts.append(f"| {a} | {s} | {r.get('entropy_mean')} | {r.get('own_expert_weight_seen')} |")
+            parts.append(f"| {a} | {s} | {r.get('gate', 'softmax')} | {r.get('entropy_mean')} | "
+                         f"{r.get('total_expert_weight_mean', 1.0)} | {r.get('own_expert_weight_seen')} |")
         parts.append("")
     atomic_write_text(results / "summary.md", "\n".join(parts) + "\n")
 
@@ -448,7 +463,7 @@ def full_budget(n_safe: int, corpus_counts: dict[str, int], arms: Sequence[str],
     router = math.ceil(math.ceil(n_safe / BATCH) * epochs)
     experts = sum(math.ceil(math.ceil(n / expert_batch) * expert_epochs) for n in corpus_counts.values())
     per_arm = {"base": 0, "sft-n": router, "lora": router, "refusal-only": router + experts,
-               "safemoe": router + experts, "safemoe-static": router}
+               "safemoe": router + experts, **{a: router for a in REUSED_EXPERT_ARMS}}
     n_items = sum(len(load_suite_records(load_suite(s), limit=limit)) for s in (SAFETY, OVER_REFUSAL))
     return {"steps": sum(per_arm[a] for a in arms), "items": n_items * len(arms)}
 
@@ -478,7 +493,7 @@ def main() -> None:
     judge = {"base_url": args.judge_url, "model": args.judge_model} if args.judge_url and args.judge_model else {}
     if bool(args.judge_url) != bool(args.judge_model):
         sys.exit("error: --judge-url and --judge-model go together")
-    arms = [a for a in (*ARMS, *OPTIONAL_ARMS) if a in args.arms]  # safemoe-static needs safemoe's experts first
+    arms = [a for a in (*ARMS, *OPTIONAL_ARMS) if a in args.arms]  # the router variants need safemoe's experts first
     t_start = time.time()
 
     from tactful.data.builtin import HARM_DOMAINS

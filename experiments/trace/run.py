@@ -55,9 +55,10 @@ SUITES = ["policy-changed", "policy-unchanged", "capability"]
 JUDGE_OPTIONS = {"policy": NEW_POLICY, "refusal": "embedding-minilm"}
 
 # The shift arms share TRACE's adapter and optimisation (the paper's: LoRA r32 / alpha 16 /
-# dropout 0.1 on q and v, beta 0.3, lr 1e-4), so naive DPO differs from TRACE only in its loss.
+# dropout 0.1 on q and v, beta 0.3; lr --lr, the paper's 1e-4 by default), so naive DPO differs from
+# TRACE only in its loss.
 SHIFT_COMMON = ["lora.r=32", "lora.alpha=16", "lora.dropout=0.1", "lora.target_modules=[q_proj, v_proj]",
-                "loss.beta=0.3", "training.learning_rate=1e-4", "training.max_length=256"]
+                "loss.beta=0.3", "training.max_length=256"]
 ARM_OVERRIDES: dict[str, tuple[str, list[str]]] = {
     "naive-dpo": ("dpo.yaml", []),
     "npo-no-triage": ("trace.yaml", ["trace.no_triage=true"]),
@@ -291,6 +292,7 @@ def main() -> None:
     ap.add_argument("--old-steps", type=int, default=12, help="DPO steps aligning the start to the old policy")
     ap.add_argument("--steps", type=int, default=12, help="steps of every shift arm (batch --batch pairs)")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate of the old-aligned DPO and every shift arm")
     ap.add_argument("--gold", type=int, default=12, help="TRACE's gold batch size")
     ap.add_argument("--weight-scale", default="mean", choices=["mean", "sum"],
                     help="conflict weights average 1 (default here, see README) or sum to 1 (the paper)")
@@ -357,7 +359,8 @@ def main() -> None:
             start = train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
         else:
             start = safety_sft_start(seed)
-        steps = [f"training.per_device_train_batch_size={args.batch}", "training.save_steps=20",
+        steps = [f"training.per_device_train_batch_size={args.batch}", f"training.learning_rate={args.lr}",
+                 "training.save_steps=20",
                  "training.logging_steps=4"]
         # 1. the old-aligned model
         name = f"old-aligned-seed{seed}"
@@ -404,8 +407,8 @@ def main() -> None:
         "# TRACE experiment: results", "",
         f"Old data: {summary['n_pairs']} pairs chosen under {OLD_POLICY}; triage under {NEW_POLICY} with "
         f"{summary['judge']}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()) + ".",
-        f"Old-aligned: DPO {args.old_steps} steps from the safety-SFT start. Shift arms: {args.steps} steps x batch "
-        f"{args.batch}, LoRA r32 on q/v, beta 0.3, lr 1e-4; TRACE weight scale {args.weight_scale}, gold batch "
+        f"Old-aligned: DPO {args.old_steps} steps (lr {args.lr:g}) from the safety-SFT start. Shift arms: {args.steps} steps x batch "
+        f"{args.batch}, LoRA r32 on q/v, beta 0.3, lr {args.lr:g}; TRACE weight scale {args.weight_scale}, gold batch "
         f"{args.gold}.", "",
         "Cells: agreement with the new policy (policy-rules judge) / multiple-choice accuracy, "
         "value [95% bootstrap CI] for one seed, mean ± sd over seeds.",

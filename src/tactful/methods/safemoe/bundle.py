@@ -225,7 +225,7 @@ def inspect_routing(model: Any, tokenizer: Any, prompt: str, *, max_new_tokens: 
         token_ids=fed,
         tokens=[tokenizer.decode([t]) for t in fed],
         response_start=n_prompt,
-        experts=list(moe.expert_names),
+        experts=moe.slot_names,
         layers=list(moe.layers),
         weights=weights,
     )
@@ -243,7 +243,9 @@ def plot_routing(insp: RoutingInspection, path: str | os.PathLike, *, layer: int
     fig = Figure(figsize=(min(2 + 0.22 * T, 60), 1.4 + 0.45 * len(insp.experts)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(w, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    signed = bool((w < 0).any())  # tanh gates: weights in (-1, 1)
+    im = ax.imshow(w, aspect="auto", cmap="coolwarm" if signed else "viridis", vmin=-1.0 if signed else 0.0,
+                   vmax=1.0, interpolation="nearest")
     ax.set_yticks(range(len(insp.experts)), labels=insp.experts, fontsize=8)
     ax.set_xticks(range(T), labels=[_printable(t) for t in insp.tokens], rotation=90, fontsize=6)
     ax.axvline(insp.response_start - 0.5, color="white", linewidth=1.5, linestyle="--")

@@ -22,6 +22,14 @@ per-sequence ablation (one gate per sequence from the mean prompt hidden state);
 temperature; optional entropy and load-balance regularisers. Routing weights per token
 can be recorded for inspection (off by default: it costs a device-to-host copy per layer).
 
+Two gate forms beyond the paper's softmax, because a softmax over unsafe experts always
+adds a full unit of unsafe update (the weights sum to 1, so the router can move weight
+between experts but never turn them down):
+- `null_expert`: one more softmax slot, "none", that contributes nothing, so the weights
+  of the real experts sum to 1 - g_none and the router can fall back to the base model;
+- `gate: tanh`: independent signed weights in (-1, 1) per expert, so the router can also
+  subtract an expert (task-arithmetic negation of the unsafe update).
+
 Known X-LoRA problems this design avoids: experts that adapt different modules (missing
 ones are zero blocks), `disable_adapter` not disabling experts (`SafeMoE.disabled()`
 really returns the base model), `generate()` changing which parameters train (experts
@@ -42,6 +50,8 @@ from torch import nn
 from tactful.errors import UserError
 
 GRANULARITIES = ("token", "sequence")
+GATES = ("softmax", "tanh")
+NULL_SLOT = "none"  # the name of the null expert's column in routing records
 ROUTER_ATTR = "safemoe_router"  # the router's name as a submodule of the model (its state-dict prefix)
 _STATIC_ATTR = "_safemoe_static"  # per-sequence routing state kept on a KV cache object
 _EPS = 1e-6
@@ -54,7 +64,15 @@ class RouterSettings:
         "help": "token: a gate per token (SafeMoE); sequence: one gate per sequence from the mean prompt "
                 "hidden state (the static-routing ablation)."})
     top_k: int | None = field(default=None, metadata={
-        "help": "None: soft routing over all experts; k: keep exactly the k highest-scoring experts, renormalised."})
+        "help": "None: soft routing over all experts; k: keep exactly the k highest-scoring experts, renormalised "
+                "(the null expert counts as one); with gate=tanh the k largest |weights|, not renormalised."})
+    gate: str = field(default="softmax", metadata={
+        "choices": GATES,
+        "help": "softmax: weights over the experts sum to 1 (the paper); tanh: an independent signed weight in "
+                "(-1, 1) per expert, so the router can turn an expert off or subtract it."})
+    null_expert: bool = field(default=False, metadata={
+        "help": "softmax only: add a 'none' slot that contributes nothing, so the real experts' total weight can "
+                "fall below 1 (down to the base model alone)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature tau; lower is sharper."})
     per_layer: bool = field(default=True, metadata={
         "help": "A gate per decoder layer (true) or one gate shared by all layers (false)."})
@@ -70,13 +88,24 @@ class RouterSettings:
     def validate(self, n_experts: int) -> None:
         if self.granularity not in GRANULARITIES:
             raise UserError(f"router.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if self.top_k is not None and not 1 <= self.top_k <= n_experts:
-            raise UserError(f"router.top_k must be between 1 and the number of experts ({n_experts}), "
-                            f"got {self.top_k}")
+        if self.gate not in GATES:
+            raise UserError(f"router.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.null_expert and self.gate != "softmax":
+            raise UserError("router.null_expert needs router.gate=softmax (tanh gates can already reach 0)")
+        slots = self.n_slots(n_experts)
+        if self.top_k is not None and not 1 <= self.top_k <= slots:
+            raise UserError(f"router.top_k must be between 1 and the number of experts"
+                            f"{' + the null expert' if self.null_expert else ''} ({slots}), got {self.top_k}")
         if self.temperature <= 0:
             raise UserError(f"router.temperature must be > 0, got {self.temperature}")
         if self.init_std < 0:
             raise UserError(f"router.init_std must be >= 0, got {self.init_std}")
+        if self.gate == "tanh" and (self.entropy_weight or self.balance_weight):
+            raise UserError("router.entropy_weight and router.balance_weight are defined for softmax gates only")
+
+    def n_slots(self, n_experts: int) -> int:
+        """Columns of the gate: the experts, plus the null expert when enabled."""
+        return n_experts + int(self.null_expert)
 
 
 @dataclass
@@ -104,13 +133,15 @@ class SafetyRouter(nn.Module):
         self.settings = settings
         self.hidden_size, self.n_experts, self.n_layers = hidden_size, n_experts, n_layers
         n_gates = n_layers if settings.per_layer else 1
-        self.weight = nn.Parameter(torch.randn(n_gates, n_experts, hidden_size) * settings.init_std)
-        self.bias = nn.Parameter(torch.zeros(n_gates, n_experts)) if settings.bias else None
+        self.n_slots = settings.n_slots(n_experts)
+        self.weight = nn.Parameter(torch.randn(n_gates, self.n_slots, hidden_size) * settings.init_std)
+        self.bias = nn.Parameter(torch.zeros(n_gates, self.n_slots)) if settings.bias else None
 
     def extra_repr(self) -> str:
         s = self.settings
         return (f"experts={self.n_experts}, layers={self.n_layers}, per_layer={s.per_layer}, "
-                f"granularity={s.granularity}, top_k={s.top_k}, temperature={s.temperature}")
+                f"granularity={s.granularity}, gate={s.gate}, null_expert={s.null_expert}, top_k={s.top_k}, "
+                f"temperature={s.temperature}")
 
     @staticmethod
     def features(h: torch.Tensor) -> torch.Tensor:
@@ -123,11 +154,18 @@ class SafetyRouter(nn.Module):
         return z / self.settings.temperature if self.settings.temperature != 1.0 else z
 
     def probs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights used to mix the experts, full softmax). They differ only in top-k mode, where
-        exactly k weights are non-zero and they sum to 1."""
-        full = torch.softmax(logits, dim=-1)
+        """(weights used to mix the slots, full weights), one column per slot (the experts, then
+        the null expert if any). They differ only in top-k mode, where exactly k weights are
+        non-zero (softmax: renormalised to sum to 1)."""
         k = self.settings.top_k
-        if k is None or k >= self.n_experts:
+        if self.settings.gate == "tanh":
+            full = torch.tanh(logits)
+            if k is None or k >= self.n_slots:
+                return full, full
+            keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, full.abs().topk(k, dim=-1).indices, True)
+            return full * keep, full
+        full = torch.softmax(logits, dim=-1)
+        if k is None or k >= self.n_slots:
             return full, full
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
         return torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1), full
@@ -291,6 +329,11 @@ class SafeMoE:
     def n_experts(self) -> int:
         return len(self.expert_names)
 
+    @property
+    def slot_names(self) -> list[str]:
+        """Names of the routing columns: the experts, then the null expert when there is one."""
+        return [*self.expert_names, *([NULL_SLOT] if self.settings.null_expert else [])]
+
     # ------------------------------------------------------------ public controls
 
     @contextlib.contextmanager
@@ -305,7 +348,7 @@ class SafeMoE:
     @contextlib.contextmanager
     def record(self) -> Iterator[RoutingRecord]:
         """Record the routing weights of every forward call inside the block."""
-        rec = RoutingRecord(list(self.layers), list(self.expert_names))
+        rec = RoutingRecord(list(self.layers), self.slot_names)
         previous, self._record = self._record, rec
         try:
             yield rec
@@ -329,7 +372,7 @@ class SafeMoE:
             entropy = entropy + (token_entropy * w).sum() / n
             usage = (used * w).sum((0, 1)) / n  # f_i: share of routing weight expert i receives
             prob = (full * w).sum((0, 1)) / n  # P_i: mean router probability of expert i
-            balance = balance + self.n_experts * (usage * prob).sum()
+            balance = balance + full.shape[-1] * (usage * prob).sum()
         k = len(self._aux)
         return s.entropy_weight * entropy / k + s.balance_weight * balance / k
 
@@ -405,7 +448,9 @@ class SafeMoE:
         else:
             used, full = self.router.probs(self.router.logits(self.router.features(h), state.index))
         # [B*T, E, 1]: one row per token of the layer's linears, ready to scale each expert's rank block
-        state.gate = used.to(h.dtype).expand(*h.shape[:2], -1).reshape(-1, used.shape[-1], 1)
+        # (the null expert's column, if any, is the last one and scales nothing)
+        experts_used = used[..., : self.n_experts]
+        state.gate = experts_used.to(h.dtype).expand(*h.shape[:2], -1).reshape(-1, self.n_experts, 1)
         if self.collect_aux and torch.is_grad_enabled():
             self._aux.append((used, full, call.token_mask if call is not None else None))
         if call is not None and call.record is not None:
