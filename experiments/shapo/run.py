@@ -251,6 +251,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="optimizer steps for every arm (batch --batch pairs); the "
                                                           "training pairs are steps x batch, each seen once")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate of every arm")
     ap.add_argument("--eval-n", type=int, default=48, help="items per out-of-distribution generative suite (seeded)")
     ap.add_argument("--pku-n", type=int, default=64, help="held-out PKU-SafeRLHF prompts evaluated")
     ap.add_argument("--mc-n", type=int, default=60, help="capability items (multiple choice)")
@@ -314,7 +315,8 @@ def main() -> None:
                 t0 = time.time()
                 done = is_complete(runs / name)
                 run_dir = train_arm(method, noise, seed, start=start, pairs=pairs, runs=runs, steps=args.steps,
-                                    batch=args.batch, shapo=shapo, extra=args.extra)
+                                    batch=args.batch, shapo=shapo,
+                                    extra=[f"training.learning_rate={args.lr}", *args.extra])
                 t1 = time.time()
                 had_eval = (run_dir / "eval" / "metrics.json").exists()
                 ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit)
@@ -339,7 +341,7 @@ def main() -> None:
         "# ShaPO experiment: results", "",
         f"Start: the safety-SFT run of each seed. Data: {data['train_pairs']} PKU-SafeRLHF safety pairs "
         f"(one per prompt) for training; {data['prompts']['heldout']} held-out prompts. "
-        f"{args.steps} steps x batch {args.batch}, LoRA r16, beta 0.1, lr 1e-4 for every arm. "
+        f"{args.steps} steps x batch {args.batch}, LoRA r16, beta 0.1, lr {args.lr:g} for every arm. "
         f"ShaPO perturbation: {args.shapo_perturbation}" + (f" (rho {args.rho})" if args.shapo_perturbation == "sam"
                                                               else "") + ". Judge: embedding-minilm.",
         "", "Cells: value [95% bootstrap CI] for one seed, mean ± sd over seeds.",
