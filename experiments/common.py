@@ -90,15 +90,20 @@ def _cell(vals: list[dict[str, Any]]) -> str:
 
 def summary_table(results: Path, arms: Sequence[str], suites: Sequence[str], seeds: Sequence[int]) -> str:
     """Markdown table arms x suites: one seed gives value [95% bootstrap CI]; several give mean ± sd."""
-    lines = ["| arm | seeds | " + " | ".join(suites) + " |", "|---|---|" + "---|" * len(suites)]
+    rows, metrics = [], {}
     for arm in arms:
         runs = [json.loads((results / f"{arm}-seed{s}" / "metrics.json").read_text())
                 for s in seeds if (results / f"{arm}-seed{s}" / "metrics.json").exists()]
         if not runs:
             continue
+        for r in runs:
+            for suite, m in r.get("suites", {}).items():
+                metrics.setdefault(suite, m.get("metric"))
         cells = [_cell([r["suites"][suite] for r in runs if suite in r.get("suites", {})]) for suite in suites]
-        lines.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(f"| {arm} | {len(runs)} | " + " | ".join(cells) + " |")
+    # name each column's metric: "over-refusal" reporting a compliance rate must not read as a refusal rate
+    heads = [f"{s} ({metrics[s]})" if metrics.get(s) else s for s in suites]
+    return "\n".join(["| arm | seeds | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(suites), *rows])
 
 
 def summarise(results: Path, arms: Sequence[str], suites: Sequence[str], seeds: Sequence[int],

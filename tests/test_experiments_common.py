@@ -25,6 +25,7 @@ def test_one_seed_shows_ci_and_several_show_sd(tmp_path: Path) -> None:
     one = common.summary_table(tmp_path, ["a", "b", "missing"], ["safety", "other"], [0])
     assert "| a | 1 | 50.0% [45.0, 55.0] n=100 | — |" in one
     assert "missing" not in one
+    assert one.startswith("| arm | seeds | safety (safe_rate) | other |")  # each column names its metric
     two = common.summary_table(tmp_path, ["b"], ["safety"], [0, 1])
     # mean 70.0, sample sd of (60, 80) = 14.1
     assert "70.0% ± 14.1 (sd over 2 seeds) n=100" in two
