@@ -292,7 +292,8 @@ def main() -> None:
     ap.add_argument("--old-steps", type=int, default=12, help="DPO steps aligning the start to the old policy")
     ap.add_argument("--steps", type=int, default=12, help="steps of every shift arm (batch --batch pairs)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate of the old-aligned DPO and every shift arm")
+    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate of every shift arm")
+    ap.add_argument("--old-lr", type=float, default=1e-4, help="learning rate of the old-aligned DPO")
     ap.add_argument("--gold", type=int, default=12, help="TRACE's gold batch size")
     ap.add_argument("--weight-scale", default="mean", choices=["mean", "sum"],
                     help="conflict weights average 1 (default here, see README) or sum to 1 (the paper)")
@@ -359,15 +360,15 @@ def main() -> None:
             start = train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
         else:
             start = safety_sft_start(seed)
-        steps = [f"training.per_device_train_batch_size={args.batch}", f"training.learning_rate={args.lr}",
-                 "training.save_steps=20",
+        steps = [f"training.per_device_train_batch_size={args.batch}", "training.save_steps=20",
                  "training.logging_steps=4"]
         # 1. the old-aligned model
         name = f"old-aligned-seed{seed}"
         t = time.time()
         fresh = not is_complete(runs / name)
         old = train("dpo.yaml", runs / name, [f"seed={seed}", f"start_from={start}", f"data.sources=[{pairs}]",
-                                              "data.n=null", f"training.max_steps={args.old_steps}", *steps])
+                                              "data.n=null", f"training.max_steps={args.old_steps}",
+                                              f"training.learning_rate={args.old_lr}", *steps])
         t_train = time.time() - t if fresh else None
         ev_fresh = not (old / "eval" / "metrics.json").exists()
         t = time.time()
@@ -378,7 +379,8 @@ def main() -> None:
         # 2. the shift arms, all from the old-aligned model
         for arm in args.arms:
             recipe, extra = ARM_OVERRIDES[arm]
-            overrides = [f"seed={seed}", f"start_from={old}", f"training.max_steps={args.steps}", *steps,
+            overrides = [f"seed={seed}", f"start_from={old}", f"training.max_steps={args.steps}",
+                         f"training.learning_rate={args.lr}", *steps,
                          *SHIFT_COMMON, *extra]
             if recipe == "dpo.yaml":
                 overrides += [f"data.sources=[{data / 'relabelled_pairs.jsonl'}]", "data.n=null"]
@@ -407,7 +409,7 @@ def main() -> None:
         "# TRACE experiment: results", "",
         f"Old data: {summary['n_pairs']} pairs chosen under {OLD_POLICY}; triage under {NEW_POLICY} with "
         f"{summary['judge']}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()) + ".",
-        f"Old-aligned: DPO {args.old_steps} steps (lr {args.lr:g}) from the safety-SFT start. Shift arms: {args.steps} steps x batch "
+        f"Old-aligned: DPO {args.old_steps} steps (lr {args.old_lr:g}) from the safety-SFT start. Shift arms: {args.steps} steps x batch "
         f"{args.batch}, LoRA r32 on q/v, beta 0.3, lr {args.lr:g}; TRACE weight scale {args.weight_scale}, gold batch "
         f"{args.gold}.", "",
         "Cells: agreement with the new policy (policy-rules judge) / multiple-choice accuracy, "
