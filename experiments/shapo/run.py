@@ -248,10 +248,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--arms", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to train")
     ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3], help="fractions of flipped labels")
-    ap.add_argument("--steps", type=int, default=16, help="optimizer steps for every arm (batch --batch pairs); the "
+    ap.add_argument("--steps", type=int, default=32, help="optimizer steps for every arm (batch --batch pairs); the "
                                                           "training pairs are steps x batch, each seen once")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-4, help="learning rate of every arm")
+    ap.add_argument("--lr", type=float, default=1e-3, help="learning rate of every arm")
     ap.add_argument("--eval-n", type=int, default=48, help="items per out-of-distribution generative suite (seeded)")
     ap.add_argument("--pku-n", type=int, default=64, help="held-out PKU-SafeRLHF prompts evaluated")
     ap.add_argument("--mc-n", type=int, default=60, help="capability items (multiple choice)")
