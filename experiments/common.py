@@ -168,3 +168,25 @@ def fmt_delta(d: dict[str, Any] | None, scale: float = 100.0) -> str:
     if not d or d.get("value") is None:
         return "—"
     return f"{scale * d['value']:+.1f} [{scale * d['ci_low']:+.1f}, {scale * d['ci_high']:+.1f}] n={d['n']}"
+
+
+# Wall-time speed-up of two free cores (two OpenMP threads) over the single thread the quick
+# runs are measured with; CPU seconds, unlike wall seconds, barely depend on other jobs' load.
+TWO_CORE_SPEEDUP = 1.7
+
+
+def cpu_rates(timings: dict[str, Any]) -> tuple[float, float] | None:
+    """(CPU-s per training step, CPU-s per eval item) over the runs of `timings` that trained /
+    evaluated (entries with train_cpu_s + steps, eval_cpu_s + eval_items); None if either is missing."""
+    steps = [(t["train_cpu_s"], t["steps"]) for t in timings.values() if t.get("steps")]
+    items = [(t["eval_cpu_s"], t["eval_items"]) for t in timings.values() if t.get("eval_items")]
+    if not steps or not items:
+        return None
+    return sum(a for a, _ in steps) / sum(b for _, b in steps), sum(a for a, _ in items) / sum(b for _, b in items)
+
+
+def format_estimate(cpu_s: float, breakdown: str) -> str:
+    """One line for a full-run estimate from quick-run CPU seconds."""
+    return (f"estimated full run: {cpu_s / 60:.0f} CPU-min = ~{cpu_s / 60 / TWO_CORE_SPEEDUP:.0f} min on 2 free "
+            f"cores ({breakdown}; eval measured at batches of at most --limit items, the full run's are 64: "
+            "an upper bound)")

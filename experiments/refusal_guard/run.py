@@ -47,7 +47,9 @@ from common import (  # noqa: E402
     ADVBENCH,
     check_public_suites,
     copy_aggregates,
+    cpu_rates,
     evaluate,
+    format_estimate,
     is_complete,
     paired_delta,
     safety_sft_start,
@@ -325,24 +327,16 @@ def write_summary(results: Path, runs: Path, arms: Sequence[str], seeds: Sequenc
 # --------------------------------------------------------------------------- main
 
 
-# Wall-time speed-up of two free cores (two OpenMP threads) over the single thread the quick
-# run is measured with; CPU seconds, unlike wall seconds, barely depend on other jobs' load.
-TWO_CORE_SPEEDUP = 1.7
-
-
 def estimate(entries: dict[str, Any], full: dict[str, Any]) -> str:
     """Full-run time from this run's CPU seconds per fine-tuning step (setup included) and per eval item."""
-    steps = [(t["train_cpu_s"], t["steps"]) for t in entries.values() if t.get("steps")]
-    items = [(t["eval_cpu_s"], t["eval_items"]) for t in entries.values() if t.get("eval_items")]
-    if not steps or not items:
+    rates = cpu_rates(entries)
+    if rates is None:
         return "no estimate (nothing was trained or evaluated in this run)"
-    per_step = sum(a for a, _ in steps) / sum(b for _, b in steps)
-    per_item = sum(a for a, _ in items) / sum(b for _, b in items)
-    cpu = per_step * full["steps"] + per_item * full["items"] + full.get("sae_cpu_s", 0.0)
-    return (f"estimated full run: {cpu / 60:.0f} CPU-min = ~{cpu / 60 / TWO_CORE_SPEEDUP:.0f} min on 2 free cores "
-            f"({full['steps']} fine-tuning steps x {per_step:.1f} CPU-s incl. setup, {full['items']} eval items x "
-            f"{per_item:.2f} CPU-s, SAEs ~{full.get('sae_cpu_s', 0.0) / 60:.1f} CPU-min; eval measured at batches "
-            "of at most --limit items, the full run's are 64: an upper bound)")
+    per_step, per_item = rates
+    sae = full.get("sae_cpu_s", 0.0)
+    return format_estimate(per_step * full["steps"] + per_item * full["items"] + sae,
+                           f"{full['steps']} fine-tuning steps x {per_step:.1f} CPU-s incl. setup, {full['items']} "
+                           f"eval items x {per_item:.2f} CPU-s, SAEs ~{sae / 60:.1f} CPU-min")
 
 
 def main() -> None:

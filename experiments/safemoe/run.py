@@ -43,7 +43,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import copy_aggregates, evaluate, fmt_delta, is_complete, paired_delta, summarise, train  # noqa: E402
+from common import (copy_aggregates, cpu_rates, evaluate, fmt_delta, format_estimate, is_complete,  # noqa: E402
+                    paired_delta, summarise, train)
 
 ARMS = ("base", "sft-n", "lora", "refusal-only", "safemoe")
 OPTIONAL_ARMS = ("safemoe-static", "safemoe-null", "safemoe-tanh")
@@ -453,25 +454,16 @@ def write_summary(results: Path, runs: Path, arms: Sequence[str], seeds: Sequenc
 # --------------------------------------------------------------------------- main
 
 
-# Wall-time speed-up of two free cores (two OpenMP threads) over the single thread the quick
-# run is measured with; CPU seconds, unlike wall seconds, barely depend on other jobs' load.
-TWO_CORE_SPEEDUP = 1.7
-
-
 def estimate(timings: dict[str, Any], full: dict[str, Any]) -> str:
     """Full-run time from this run's CPU seconds per training step and per eval item."""
-    steps = [(t["train_cpu_s"], t["steps"]) for t in timings.values() if t.get("steps")]
-    items = [(t["eval_cpu_s"], t["eval_items"]) for t in timings.values() if t.get("eval_items")]
-    if not steps or not items:
+    rates = cpu_rates(timings)
+    if rates is None:
         return "no estimate (nothing was trained or evaluated in this run)"
-    per_step = sum(a for a, _ in steps) / sum(b for _, b in steps)
-    per_item = sum(a for a, _ in items) / sum(b for _, b in items)
+    per_step, per_item = rates
     per_prompt = full.get("corpus_cpu_per_prompt") or 0.0
-    cpu = per_step * full["steps"] + per_item * full["items"] + per_prompt * full["corpus_prompts"]
-    return (f"estimated full run: {cpu / 60:.0f} CPU-min = ~{cpu / 60 / TWO_CORE_SPEEDUP:.0f} min on 2 free cores "
-            f"({full['steps']} training steps x {per_step:.1f} CPU-s, {full['items']} eval items x {per_item:.2f} "
-            f"CPU-s, corpus {full['corpus_prompts']} prompts x {per_prompt:.2f} CPU-s; eval measured at batches of "
-            f"at most --limit items, the full run's are 64: an upper bound)")
+    return format_estimate(per_step * full["steps"] + per_item * full["items"] + per_prompt * full["corpus_prompts"],
+                           f"{full['steps']} training steps x {per_step:.1f} CPU-s, {full['items']} eval items x "
+                           f"{per_item:.2f} CPU-s, corpus {full['corpus_prompts']} prompts x {per_prompt:.2f} CPU-s")
 
 
 def full_budget(n_safe: int, corpus_counts: dict[str, int], arms: Sequence[str], limit: int | None, *,
