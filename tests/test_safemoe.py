@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from tactful.data.records import Example
 from tactful.errors import UserError
+from tactful.kv_cache import returned_cache, with_cache
 from tactful.logprobs import IGNORE_INDEX, collate, encode_example
 from tactful.methods.common import TrainingSettings, save_model_atomic
 from tactful.methods.safemoe import (
@@ -264,10 +265,10 @@ def test_static_mode_gives_one_routing_per_sequence(env):
     rows = chat_prompts(tok, ["Name a red fruit.", "Name a blue fruit."])
     assert len(rows[0]) == len(rows[1])  # no padding: each row alone is the same computation
     with torch.no_grad():
-        cache = model(input_ids=torch.tensor(rows), use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=torch.tensor(rows), use_cache=True))
         cache.batch_select_indices(torch.tensor([1]))
         with moe.record() as kept:
-            model(input_ids=torch.tensor([[42]]), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([[42]]), use_cache=True, **with_cache(model, cache))
         with moe.record() as alone:
             model(input_ids=torch.tensor(rows[1:]))
     assert torch.allclose(kept.calls[0][:, 0, 0], alone.calls[0][:, 0, 0], atol=1e-5)

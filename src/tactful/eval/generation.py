@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from tactful.errors import UserError
+from tactful.kv_cache import returned_cache, with_cache
 
 BACKENDS = ("hf", "vllm", "openai")
 
@@ -254,16 +255,16 @@ class HFGenerator:
             cache = None
             if shared:
                 prefix = torch.tensor([rows[0][:shared]], dtype=torch.long, device=device)
-                cache = self._forward(input_ids=prefix, use_cache=True).past_key_values
+                cache = returned_cache(self._forward(input_ids=prefix, use_cache=True))
                 cache.batch_repeat_interleave(n)
             res = self._forward(
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **with_cache(self.model, cache),
             )
-            cache = res.past_key_values
+            cache = returned_cache(res)
             for step in range(config.max_new_tokens):
                 tok = _next_tokens(res.logits[:, -1, :], config, gens)
                 done = torch.isin(tok, stop)
@@ -289,8 +290,8 @@ class HFGenerator:
                     input_ids=tok[:, None],
                     attention_mask=mask,
                     position_ids=next_pos,
-                    past_key_values=cache,
                     use_cache=True,
+                    **with_cache(self.model, cache),
                 )
                 next_pos = next_pos + 1
         return out

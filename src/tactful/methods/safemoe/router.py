@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tactful.errors import UserError
+from tactful.kv_cache import cache_in
 
 GRANULARITIES = ("token", "sequence")
 GATES = ("softmax", "tanh")
@@ -427,7 +428,7 @@ class SafeMoE:
         if isinstance(labels, torch.Tensor) and labels.shape == ids.shape[:2]:
             # Training / scoring: the prompt is what carries no loss (IGNORE_INDEX), minus padding.
             prompt_mask = labels.eq(-100) if prompt_mask is None else prompt_mask & labels.eq(-100)
-        cache = kwargs.get("past_key_values")
+        cache = cache_in(kwargs)
         decoding = getattr(cache, _STATIC_ATTR, None) is not None and T == 1
         self._call = _Call(token_mask, prompt_mask, decoding, [] if self._record is not None else None)
 
@@ -444,7 +445,7 @@ class SafeMoE:
         h = args[0] if args else kwargs["hidden_states"]
         call = self._call
         if self.settings.granularity == "sequence":
-            used, full = self._sequence_gate(state, h, kwargs.get("past_key_values"), call)
+            used, full = self._sequence_gate(state, h, cache_in(kwargs), call)
         else:
             used, full = self.router.probs(self.router.logits(self.router.features(h), state.index))
         # [B*T, E, 1]: one row per token of the layer's linears, ready to scale each expert's rank block
