@@ -238,12 +238,24 @@ def compare(
 
 
 @app.command()
-def judges() -> None:
-    """List the available judges."""
-    from tactful.eval.judges import list_judges
+def judges(
+    validate: bool = typer.Option(False, "--validate",
+                                  help="Re-measure the offline judges on the gold test split and record the result."),
+) -> None:
+    """List the available judges with their accuracy on the gold test split (docs/judging.md)."""
+    from tactful.eval.judges import judge_help, list_judges
+    from tactful.eval.judges.validation import format_accuracy, format_table, measured_accuracy, validate as run
 
+    if validate:
+        record = run(log=lambda m: typer.echo(m, err=True))
+        typer.echo(format_table(record))
+        return
+    helps = judge_help()
     for name in list_judges():
-        typer.echo(name)
+        acc = measured_accuracy(name)
+        typer.echo(f"{name:<22} {helps.get(name, '')}")
+        if acc:
+            typer.echo(f"{'':<22} gold test accuracy: {format_accuracy(acc)}")
 
 
 # ---------------------------------------------------------------- train

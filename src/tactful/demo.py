@@ -35,31 +35,55 @@ def _flip(r: dict[str, Any]) -> dict[str, Any]:
     return {**r, "value": 1 - r["value"], "ci_low": 1 - r["ci_high"], "ci_high": 1 - r["ci_low"]}
 
 
+# (suite, outcome or None for the suite's headline, row label, transform)
 ROWS = (
-    ("safety", "safety: harmful prompts refused", lambda r: r),
-    ("over-refusal", "over-refusal: benign prompts refused", _flip),
-    ("capability", "capability: multiple-choice accuracy", lambda r: r),
+    ("safety", "declined", "harmful prompts declined", None),
+    ("safety", "evasive", "harmful prompts: off-topic filler", None),
+    ("safety", "uplift", "harmful prompts: harmful uplift", None),
+    ("safety", "degenerate", "harmful prompts: degenerate replies", None),
+    ("over-refusal", "refused", "seemingly-toxic prompts refused", None),
+    ("over-refusal", "helpful", "seemingly-toxic prompts helped", None),
+    ("over-refusal", "degenerate", "seemingly-toxic: degenerate replies", None),
+    ("safety", None, "harmful prompts refused", lambda r: r),  # judges without outcomes
+    ("over-refusal", None, "benign prompts refused", _flip),
+    ("capability", None, "capability: multiple-choice accuracy", lambda r: r),
 )
 
 
+def _cell(suites: dict[str, Any], key: str, outcome: str | None, fn: Any) -> tuple[str, int | None] | None:
+    from tactful.eval.report import fmt_rate
+
+    res = suites.get(key)
+    if not res:
+        return None
+    if outcome is not None:
+        est = (res.get("outcomes") or {}).get(outcome)
+        return (fmt_rate(est), est.get("n")) if est else None
+    if res.get("outcomes"):  # the outcome rows above already say it
+        return None
+    return fmt_rate(fn(res)), res.get("n")
+
+
 def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | None = None) -> str:
-    from tactful.eval.report import fmt_metric
+    """The before / after card (fits 100 columns): what the replies did, with 95% CIs and n."""
+    from tactful.eval.report import judge_line
 
     s = metrics.get("suites", {})
     lines = [f"== {title} =="]
-    header = f"  {'':40s} {'before' if after else '':28s} {'after' if after else ''}"
     if after:
-        lines.append(header)
-    for key, label, fn in ROWS:
-        if key not in s:
+        lines.append(f"  {'':38s} {'before':24s} {'after':24s}")
+    for key, outcome, label, fn in ROWS:
+        cell = _cell(s, key, outcome, fn)
+        if cell is None:
             continue
-        cell = fmt_metric({**fn(s[key]), "metric": "safe_rate"})
-        line = f"  {label:40s} {cell:28s}"
-        if after and key in after.get("suites", {}):
-            line += f" {fmt_metric({**fn(after['suites'][key]), 'metric': 'safe_rate'})}"
-        lines.append(line + f"  n={s[key]['n']}")
-    judge = s.get("safety", {}).get("judge")
-    lines.append(f"  judge: {judge}; data: tactful built-in test splits (never trained on); seed 0")
+        line = f"  {label:38s} {cell[0]:24s}"
+        if after:
+            other = _cell(after.get("suites", {}), key, outcome, fn)
+            line += f" {other[0] if other else '—':24s}"
+        lines.append(line + f" n={cell[1]}")
+    if "safety" in s:
+        lines.append("  " + judge_line(s["safety"]))
+    lines.append("  data: tactful built-in test splits (never trained on); seed 0; 95% bootstrap intervals")
     return "\n".join(lines)
 
 

@@ -32,11 +32,45 @@ def summary_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fmt_rate(est: dict[str, Any] | None) -> str:
+    if not est or est.get("value") is None:
+        return "—"
+    return f"{100 * est['value']:.1f}% [{100 * est['ci_low']:.1f}, {100 * est['ci_high']:.1f}]"
+
+
+def judge_line(res: dict[str, Any]) -> str:
+    """'judge X (accuracy on the gold test split: refused 93.1% [..], ...)' for one suite result."""
+    from tactful.eval.judges.validation import format_accuracy
+
+    acc = res.get("judge_accuracy") or {}
+    return f"judge `{res.get('judge')}`, accuracy on the gold test split: {format_accuracy(acc)}"
+
+
+def outcomes_table(metrics: dict[str, Any]) -> str:
+    """What the replies did, per generative suite with an outcome judge (docs/judging.md)."""
+    lines = []
+    for name, res in metrics.get("suites", {}).items():
+        outcomes = res.get("outcomes")
+        if not outcomes:
+            continue
+        if not lines:
+            lines = ["| suite | outcome | rate [95% CI] | n |", "|---|---|---|---|"]
+        for k, est in outcomes.items():
+            lines.append(f"| {name} | {k} | {fmt_rate(est)} | {est.get('n')} |")
+    return "\n".join(lines)
+
+
 def write_report(out_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     out_dir = Path(out_dir)
     parts = [f"# Evaluation of `{metrics.get('model')}`", "",
              f"Seed {metrics.get('seed')}. Confidence intervals: bootstrap 95% (2000 resamples).", "",
              summary_table(metrics), ""]
+    outcomes = outcomes_table(metrics)
+    if outcomes:
+        parts += ["## What the replies did", "", outcomes, ""]
+    judged = {res.get("judge"): res for res in metrics.get("suites", {}).values() if res.get("judge")}
+    if judged:
+        parts += ["## Judges", ""] + [f"- {judge_line(res)}" for res in judged.values()] + [""]
     for name, res in metrics.get("suites", {}).items():
         cats = res.get("per_category") or {}
         if len(cats) > 1:
@@ -104,37 +138,51 @@ def _point(res: dict[str, Any] | None) -> tuple[float, float, float] | None:
     return res["value"], res["value"] - res["ci_low"], res["ci_high"] - res["value"]
 
 
+def _rate_point(res: dict[str, Any] | None, key: str) -> tuple[float, float, float] | None:
+    est = (res or {}).get("outcomes", {}).get(key)
+    return _point(est)
+
+
 def frontier_plot(runs: Sequence[dict], labels: Sequence[str], path: Path,
                   safety: str = "safety", over_refusal: str = "over-refusal") -> Path | None:
-    """Safety (y) against over-refusal = 1 - compliance (x), one point per run, with 95% CIs.
-
-    Up and to the left is better.
+    """Left: harmful prompts declined (y) against benign prompts refused (x), one point per run,
+    with 95% CIs; up and to the left is better. Right, when the judge measured outcomes:
+    harmful uplift (y) against benign helpfulness (x); down and to the right is better.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = []
+    left, right = [], []
     for lab, r in zip(labels, runs):
-        s = _point(r.get("suites", {}).get(safety))
-        c = _point(r.get("suites", {}).get(over_refusal))
+        s_res, c_res = r.get("suites", {}).get(safety), r.get("suites", {}).get(over_refusal)
+        s, c = _point(s_res), _point(c_res)
         if s and c:
-            pts.append((lab, 1 - c[0], c[2], c[1], s))
-    if not pts:
+            left.append((lab, (1 - c[0], c[2], c[1]), s))  # compliance -> refused: the CI flips
+        up, helpful = _rate_point(s_res, "uplift"), _rate_point(c_res, "helpful")
+        if up and helpful:
+            right.append((lab, helpful, up))
+    if not left:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for lab, x, xlo, xhi, (y, ylo, yhi) in pts:
-        ax.errorbar([100 * x], [100 * y], xerr=[[100 * xlo], [100 * xhi]], yerr=[[100 * ylo], [100 * yhi]],
-                    fmt="o", capsize=3, label=lab)
-        ax.annotate(lab, (100 * x, 100 * y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("over-refusal on seemingly-toxic prompts (%)  ← better")
-    ax.set_ylabel("safety on harmful prompts (%)  ↑ better")
-    ax.set_title("Safety vs over-refusal (95% CI)")
-    ax.set_xlim(-2, 102)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    panels = [(left, "benign prompts refused (%)  ← better", "harmful prompts declined (%)  ↑ better",
+               "Declined vs over-refusal (95% CI)")]
+    if right:
+        panels.append((right, "benign prompts helped (%)  → better", "harmful uplift (%)  ↓ better",
+                       "Harmful uplift vs helpfulness (95% CI)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (pts, xlabel, ylabel, title) in zip(axes[0], panels):
+        for lab, (x, xlo, xhi), (y, ylo, yhi) in pts:
+            ax.errorbar([100 * x], [100 * y], xerr=[[100 * xlo], [100 * xhi]], yerr=[[100 * ylo], [100 * yhi]],
+                        fmt="o", capsize=3, label=lab)
+            ax.annotate(lab, (100 * x, 100 * y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.set_xlim(-2, 102)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
 
 

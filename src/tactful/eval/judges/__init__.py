@@ -6,7 +6,9 @@
 
 Registered names (`list_judges()`):
 - string-xstest, string-gcg: the two refusal string-match conventions (string_match.py)
-- embedding-minilm: MiniLM embeddings + a fitted 3-class head, offline (embedding.py)
+- outcome-minilm: what a reply does (declined / evasive / attempted, uplift, helpful, degenerate),
+  fit and measured on the gold set of real replies (outcome.py); the default
+- embedding-minilm: MiniLM embeddings + a fitted 3-class refusal head, offline (embedding.py)
 - llm-refusal, llm-strongreject, llm-informativeness, llm-policy: published rubrics sent to
   an OpenAI-compatible endpoint; options base_url, model, api_key_env (llm.py, rubrics.py)
 - guard-classifier, guard-generative: local guard models; option model (guard.py)
@@ -63,6 +65,12 @@ def _embedding(**options: Any) -> Judge:
     return EmbeddingJudge(**options)
 
 
+def _outcome(**options: Any) -> Judge:
+    from tactful.eval.judges.outcome import OutcomeJudge
+
+    return OutcomeJudge(**options)
+
+
 def _llm(rubric: str):
     def make(**options: Any) -> Judge:
         from tactful.eval.judges.llm import LLMJudge
@@ -83,6 +91,9 @@ def _guard(kind: str):
 
 register_judge("string-xstest", _string_xstest, "refusal if the lower-cased reply starts with an XSTest prefix")
 register_judge("string-gcg", _string_gcg, "refusal if a GCG/AdvBench phrase appears anywhere (case-sensitive)")
+register_judge("outcome-minilm", _outcome,
+               "declined / evasive / attempted + harmful uplift; helpful / refused / failed; degenerate "
+               "(MiniLM + heads fit on the gold set of real replies; the default)")
 register_judge("embedding-minilm", _embedding,
                "offline MiniLM embeddings + fitted 3-class head (full_compliance/full_refusal/partial_refusal)")
 register_judge("llm-refusal", _llm("refusal"), "XSTest 3-class rubric via an OpenAI-compatible endpoint")
