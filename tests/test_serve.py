@@ -328,6 +328,22 @@ def test_a_disconnected_clients_request_is_cancelled(served_long):
     assert _stats(served_long)["batches"] == after["batches"]  # no decode step runs for it any more
 
 
+def test_cancelled_requests_leave_the_queue_and_the_running_batch():
+    model, tok = _sharp_tiny()
+    worker = BatchWorker(HFGenerator(model, tok), max_batch_size=1)  # the second request must queue
+    worker.start()
+    prompt = render_prompt(tok, messages_for(LONG_PROMPT))
+    try:
+        running = worker.submit(prompt, ChatRequest(model=MODEL, messages=[], max_tokens=512, temperature=0))
+        queued = worker.submit(prompt, ChatRequest(model=MODEL, messages=[], max_tokens=512, temperature=0))
+        _wait_for(lambda: worker.stats()["running"] == 1)
+        assert queued.cancel() and running.cancel()  # what the handlers do when their clients hang up
+        stats = _wait_for(lambda: (s := worker.stats())["in_flight"] == 0 and s, timeout=5)
+    finally:
+        worker.close()
+    assert (stats["requests_cancelled"], stats["requests_completed"], stats["running"]) == (2, 0, 0)
+    assert stats["batches"] < 400  # the running one stopped well before its 512 tokens
+
 def _tiny_safemoe(granularity="token"):
     """The sharp tiny model with SafeMoE attached: one random expert on every q_proj."""
     from tactful.methods.safemoe import ExpertWeights, RouterSettings, attach_safemoe

@@ -196,13 +196,19 @@ class BatchWorker:
             if idle and stopping:
                 break  # everything queued before close() is answered
             stopping = self._take_queued(waiting, block=idle) or stopping
-            self._drop_cancelled(batch, waiting)
-            room = self.max_batch_size - len(batch)
-            admitted = [waiting.popleft() for _ in range(min(room, len(waiting)))]
-            if admitted:
-                self._join(batch, admitted)
-            if batch:
-                self._step(batch)
+            try:
+                self._drop_cancelled(batch, waiting)
+                room = self.max_batch_size - len(batch)
+                admitted = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+                if admitted:
+                    self._join(batch, admitted)
+                if batch:
+                    self._step(batch)
+            except Exception as e:  # a dead worker thread would leave every later request hanging
+                log.exception("the decode loop failed; failing the %d request(s) in its batch", len(batch))
+                jobs = [row.job for row in batch.rows]
+                batch.clear()
+                self._fail(jobs, e)
             self._running = len(batch)
 
     def _take_queued(self, waiting: deque[_Job], *, block: bool) -> bool:
