@@ -1,16 +1,22 @@
 """`tactful serve` end to end on 127.0.0.1: the openai client, the evaluation harness's HTTP
-backend and the LLM judge against it, a 200-request load test, bad inputs, and a graceful
-SIGTERM of a real `tactful serve --run` process serving a SafeMoE bundle."""
+backend and the LLM judge against it, a 200-request load test, bad inputs, continuous
+batching (a short request behind a long one, replies joined vs alone, a disconnected
+client cancelled), and a graceful SIGTERM of a real `tactful serve --run` process serving
+a SafeMoE bundle."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +30,9 @@ pytest.importorskip("uvicorn")
 from tactful.eval.generation import GenerationConfig, HFGenerator, make_generator  # noqa: E402
 from tactful.models import messages_for, tiny_model  # noqa: E402
 from tactful.serve.app import ChatServer, render_prompt  # noqa: E402
+from tactful.serve.decode import Row, RunningBatch, cache_kwarg, continuous_batching_blocker, output_cache  # noqa: E402
+from tactful.serve.validation import ChatRequest  # noqa: E402
+from tactful.serve.worker import BatchWorker  # noqa: E402
 
 MODEL = "tiny"
 NO_KEY = "TACTFUL_TEST_SERVE_NO_KEY"  # an unset variable: requests go without Authorization
@@ -42,11 +51,10 @@ def _sharp_tiny():
     return model, tok
 
 
-@pytest.fixture(scope="module")
-def served():
+def _serving(**kw):
+    """A ChatServer on the sharp tiny model in a thread on 127.0.0.1 (a fixture's body)."""
     model, tok = _sharp_tiny()
-    server = ChatServer(model, tok, model_name=MODEL, max_batch_size=16, max_prompt_tokens=900,
-                        max_new_tokens=64, log_level="warning", access_log=False)
+    server = ChatServer(model, tok, model_name=MODEL, log_level="warning", access_log=False, **kw)
     server.bind("127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -56,6 +64,18 @@ def served():
     server.stop()
     thread.join(30)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def served():
+    yield from _serving(max_batch_size=16, max_prompt_tokens=900, max_new_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def served_long():
+    """Replies of up to 512 tokens, the longest the tiny model's context (1024) allows with
+    the prompts below."""
+    yield from _serving(max_batch_size=4, max_prompt_tokens=400, max_new_tokens=512)
 
 
 def _post(served, body, **kw):
@@ -220,6 +240,197 @@ def test_bad_requests_get_4xx_in_openai_shape_and_the_server_keeps_serving(serve
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+# ---------------------------------------------------------------- continuous batching
+
+LONG_PROMPT = "Tell me about rivers."  # the sharp tiny model never stops on it: 512 tokens
+
+
+def _ask(served, content, max_tokens, **kw):
+    r = _post(served, {"model": MODEL, "messages": [{"role": "user", "content": content}],
+                       "max_tokens": max_tokens, "temperature": 0, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for the server")
+
+
+def test_a_short_request_behind_a_long_one_finishes_in_about_its_own_time(served_long):
+    """Batch-at-a-time, the 8-token request waited for the 512-token one (1-2 s here, 104 s
+    with a real model); now it joins the running batch and leaves after its tokens."""
+    def short():
+        began = time.perf_counter()
+        assert _ask(served_long, "What is 2+2?", 8)["usage"]["completion_tokens"] == 8
+        return time.perf_counter() - began
+
+    short()  # warm-up
+    solo = statistics.median(short() for _ in range(3))
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(_ask, served_long, LONG_PROMPT, 512)
+        _wait_for(lambda: _stats(served_long)["running"] == 1)
+        # the mean, not the median: batch-at-a-time only the first one waits (for all of the long one)
+        behind = statistics.mean(short() for _ in range(3))
+        print(f"8-token request: {solo * 1000:.0f} ms alone, {behind * 1000:.0f} ms behind a 512-token one")
+        # 2x plus 50 ms for a loaded 2-core machine; waiting for the long request would be > 1 s
+        assert behind < 2 * solo + 0.05, (solo, behind)
+        assert not long.done()  # all three were measured while the long request generated
+        assert long.result(timeout=120)["usage"]["completion_tokens"] == 512
+
+
+def test_a_reply_is_the_same_alone_and_joined_into_a_running_batch(served_long):
+    asks = [
+        ("hi", {}),  # a prompt shorter than the running row's cache: the new row is padded
+        ("Describe the water cycle in detail. " * 20, {}),  # longer: the running row is padded
+        ("Tell me a story.", {"temperature": 1.0, "seed": 11}),  # sampled, with its own seed
+    ]
+
+    def reply(ask):
+        content, kw = ask
+        return _ask(served_long, content, 24, **kw)["choices"][0]["message"]["content"]
+
+    alone = [reply(a) for a in asks]
+    with ThreadPoolExecutor(4) as pool:
+        steps = _stats(served_long)["batches"]
+        long = pool.submit(_ask, served_long, LONG_PROMPT, 300)
+        _wait_for(lambda: _stats(served_long)["batches"] >= steps + 30)  # the long row is well under way
+        joined = list(pool.map(reply, asks))
+        assert not long.done()
+        long.result(timeout=120)
+    assert joined == alone
+    direct = _direct(served_long, [content for content, _ in asks[:2]], 24)
+    assert alone[:2] == [served_long["tok"].decode(ids, skip_special_tokens=True) for ids in direct]
+
+
+def test_a_disconnected_clients_request_is_cancelled(served_long):
+    before = _stats(served_long)
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": LONG_PROMPT}],
+                       "max_tokens": 512, "temperature": 0}).encode()
+    sock = socket.create_connection(served_long["server"].address, timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    _wait_for(lambda: _stats(served_long)["running"] == 1)
+    sock.close()  # the client hangs up mid-generation
+    hung_up = time.monotonic()
+    after = _wait_for(lambda: (s := _stats(served_long))["requests_cancelled"] > before["requests_cancelled"] and s)
+    # cancelled at once, not after its 512 tokens (about 2 s)
+    assert time.monotonic() - hung_up < 1.0
+    assert after["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert after["requests_completed"] == before["requests_completed"]
+    assert after["in_flight"] == 0 and after["running"] == 0
+    time.sleep(0.2)
+    assert _stats(served_long)["batches"] == after["batches"]  # no decode step runs for it any more
+
+
+def test_cancelled_requests_leave_the_queue_and_the_running_batch():
+    model, tok = _sharp_tiny()
+    worker = BatchWorker(HFGenerator(model, tok), max_batch_size=1)  # the second request must queue
+    worker.start()
+    prompt = render_prompt(tok, messages_for(LONG_PROMPT))
+    try:
+        running = worker.submit(prompt, ChatRequest(model=MODEL, messages=[], max_tokens=512, temperature=0))
+        queued = worker.submit(prompt, ChatRequest(model=MODEL, messages=[], max_tokens=512, temperature=0))
+        _wait_for(lambda: worker.stats()["running"] == 1)
+        assert queued.cancel() and running.cancel()  # what the handlers do when their clients hang up
+        stats = _wait_for(lambda: (s := worker.stats())["in_flight"] == 0 and s, timeout=5)
+    finally:
+        worker.close()
+    assert (stats["requests_cancelled"], stats["requests_completed"], stats["running"]) == (2, 0, 0)
+    assert stats["batches"] < 400  # the running one stopped well before its 512 tokens
+
+def _tiny_safemoe(granularity="token"):
+    """The sharp tiny model with SafeMoE attached: one random expert on every q_proj."""
+    from tactful.methods.safemoe import ExpertWeights, RouterSettings, attach_safemoe
+
+    model, tok = _sharp_tiny()
+    gen = torch.Generator().manual_seed(2)
+    modules = {f"model.layers.{i}.self_attn.q_proj": (torch.randn(2, 64, generator=gen),
+                                                       torch.randn(64, 2, generator=gen), 1.0) for i in range(4)}
+    attach_safemoe(model, [ExpertWeights("a", modules)], RouterSettings(granularity=granularity))
+    return model, tok
+
+
+def _tiny_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = _sharp_tiny()
+    return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])), tok
+
+
+@pytest.mark.parametrize("make", [_sharp_tiny, _tiny_safemoe, _tiny_lora], ids=["plain", "safemoe", "peft"])
+def test_rows_joining_and_leaving_a_running_batch_get_their_solo_replies(make):
+    model, tok = make()
+    gen = HFGenerator(model, tok)
+    assert continuous_batching_blocker(gen) is None
+    prompts = ["hi", "Describe the water cycle in detail. " * 12, "What is 2+2?"]
+    lengths = [30, 12, 20]  # rows leave at different steps
+
+    def row(i):
+        return Row(render_prompt(tok, messages_for(prompts[i])),
+                   ChatRequest(model=MODEL, messages=[], max_tokens=lengths[i], temperature=0), seed=0)
+
+    with warnings.catch_warnings():
+        # no deprecated keyword or output field (transformers 5.24 renamed past_key_values to cache)
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        solo = []
+        for i in range(3):
+            batch, r = RunningBatch(gen), row(i)
+            batch.join([r])
+            while batch:
+                batch.step()
+            solo.append(r.ids)
+        batch, rows = RunningBatch(gen), [row(i) for i in range(3)]
+        batch.join(rows[:1])
+        for _ in range(5):
+            batch.step()
+        batch.join(rows[1:])  # one prompt longer than the running cache, one shorter
+        while batch:
+            batch.step()
+    assert [len(ids) for ids in solo] == lengths  # no stop token: every row ran to its max_tokens
+    assert [r.ids for r in rows] == solo
+
+
+def test_cache_keyword_and_output_field_for_transformers_5_23_and_5_24():
+    from transformers import LlamaForCausalLM
+
+    class Old(torch.nn.Module):  # 5.23's forward
+        def forward(self, input_ids=None, attention_mask=None, past_key_values=None):
+            raise NotImplementedError
+
+    class OldOutput:
+        past_key_values = "kv"
+
+    class NewOutput:
+        cache = "kv"
+
+        @property
+        def past_key_values(self):
+            raise AssertionError("read through the deprecated name")
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    installed = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    assert cache_kwarg(_sharp_tiny()[0]) == installed
+    peft_model = _tiny_lora()[0]
+    assert "cache" not in inspect.signature(peft_model.forward).parameters  # hence the base model's is read
+    assert cache_kwarg(peft_model) == installed
+    assert output_cache(OldOutput()) == output_cache(NewOutput()) == "kv"
+
+
+def test_models_whose_rows_cannot_join_are_served_batch_at_a_time():
+    model, tok = _tiny_safemoe("sequence")
+    worker = BatchWorker(HFGenerator(model, tok))
+    stats = worker.stats()
+    assert stats["batching"] == "batch-at-a-time" and "per-sequence routing" in stats["batching_fallback"]
+    assert BatchWorker(HFGenerator(*_sharp_tiny())).stats()["batching"] == "continuous"
+
+
 class _SlowGenerator:
     """Stands in for HFGenerator in the worker: every batch takes `seconds`, sizes are recorded."""
 
@@ -242,11 +453,9 @@ def test_split_batches_merge_when_their_clients_come_back():
     """Four steady clients, one of them first: the batches start split 1 + 3. Each client
     sends its next request 40 ms after its reply, later than the 10 ms window, so only the
     follow-up rule (wait for the clients the last batch answered) can merge the two groups."""
-    from tactful.serve.validation import ChatRequest
-    from tactful.serve.worker import BatchWorker
-
     gen = _SlowGenerator(1.0)
     worker = BatchWorker(gen, max_batch_size=16, batch_wait_s=0.01)
+    assert worker.stats()["batching"] == "batch-at-a-time"  # a stand-in without a model
     worker.start()
     request = ChatRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
 

@@ -3,11 +3,12 @@
     tactful serve --model embedded --port 8000
     tactful serve --run runs/safemoe          # any run, SafeMoE bundles included
 
-Concurrent requests are generated together in batches by one worker thread that owns
-the model (serve/worker.py); requests are validated before they reach it
-(serve/validation.py); routes and shutdown live in serve/app.py. Streaming is not
-offered: the batched decode loop hands back whole replies, and a half-done stream
-would be slower than the batch it shares. `stream: true` gets a 400 that says so.
+Concurrent requests are generated together by one worker thread that owns the model,
+with continuous batching: a request joins the running batch at the next decode step and
+leaves it when done (serve/worker.py, serve/decode.py); requests are validated before
+they reach it (serve/validation.py); routes, disconnect cancellation and shutdown live
+in serve/app.py. Streaming is not offered: replies are handed back whole. `stream: true`
+gets a 400 that says so.
 
 The web stack (FastAPI + uvicorn) is the optional extra `tactful[serve]`; this module
 imports it only when a server starts, so the rest of tactful does not need it.

@@ -8,6 +8,9 @@ Every error is JSON in OpenAI's shape with a 4xx status for anything the client 
 (bad JSON, wrong types, unknown roles or arguments, a prompt over --max-prompt-tokens);
 5xx only for a failure of the server itself, which keeps serving.
 
+A client that disconnects while its reply is generated gets its request cancelled: the
+worker drops it from the running batch (counted in /health's requests_cancelled).
+
 Shutdown (SIGINT / SIGTERM, or `ChatServer.stop()`): uvicorn stops accepting
 connections, waits for the requests in flight to be answered, then the worker thread
 finishes and the process exits 0.
@@ -22,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import uvicorn
@@ -36,6 +40,9 @@ from tactful.serve.validation import RequestError, parse_chat_request
 from tactful.serve.worker import BatchWorker, WorkerClosed
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # far above any prompt a 2k-32k-token context can hold
+# How often a waiting handler checks that its client is still connected: the most a
+# hung-up client's request keeps generating for (plus one decode step).
+DISCONNECT_POLL_S = 0.1
 
 
 def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -63,6 +70,21 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("the request body is nested too deeply") from None
+
+
+async def _wait_unless_disconnected(request: Request, future: Future) -> Any:
+    """The worker's result, or None if the client disconnects first. Then the future is
+    cancelled, which makes the worker drop the request from its running batch at the next
+    decode step (and count it in /health's requests_cancelled): a client that hangs up must
+    not keep the model busy for up to max_tokens."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            future.cancel()
+            return None
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -138,10 +160,13 @@ def create_app(worker: BatchWorker, tokenizer: Any, *, model_name: str, max_prom
         except WorkerClosed as e:
             return _error(503, str(e), type="server_error")
         try:
-            done = await asyncio.wrap_future(future)
+            done = await _wait_unless_disconnected(request, future)
         except Exception as e:  # a failed generation is the server's fault, not the client's
             first = (str(e).strip().splitlines() or [""])[0]
             return _error(500, f"generation failed: {type(e).__name__}: {first}", type="server_error")
+        if done is None:  # nobody will read this; the status is for the access log
+            return _error(499, "the client closed the connection before the reply was ready",
+                          type="client_closed_request")
         return JSONResponse({
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",

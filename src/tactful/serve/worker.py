@@ -1,18 +1,31 @@
-"""The one thread that owns the model: collects concurrent requests into batches.
+"""The one thread that owns the model: continuous batching of concurrent requests.
 
-Requests are queued by the web handlers. The worker takes the first one, keeps the batch
-open for others a little while (rules below; it also takes whatever queued up while the
-previous batch was generating), up to `max_batch_size`, and generates them together with
-`HFGenerator`'s batched decode loop. Requests whose sampling settings differ
-(greedy vs sampled, temperature, top_p) cannot share one decode loop, so a batch is
-split into groups of equal settings, one `generate` call per group.
+Requests are queued by the web handlers. The worker keeps one running batch
+(serve/decode.py): before every decode step it admits the requests queued since the last
+step, up to `max_batch_size` rows (they are prefilled together and their KV cache is
+merged into the batch's), and after every step the rows that finished leave and are
+answered at once. So a request's latency is about its own generation time, whatever else
+runs: a short request behind a 512-token one joins at the next step and leaves after its
+own tokens. Sampling settings (greedy or temperature / top_p, seed, stop, max_tokens)
+are per row. A row whose client went away (its future cancelled by the handler) is
+dropped at the next step.
 
-A group decodes for its longest request's `max_tokens`; shorter requests are cut to
-their own limit afterwards, so a batch's latency is that of its longest request. Stop
-strings are applied to the decoded text (the decode loop stops at end-of-turn tokens
-only).
+`/health` counts a decode step as a batch: `batch_size_histogram` is the number of rows
+per step.
 
-How long a batch stays open, two rules:
+Batch-at-a-time fallback. A model whose rows cannot join a running batch correctly (a
+SafeMoE bundle with per-sequence routing, whose routing state depends on the whole
+prompt and lives on the shared cache; a cache with sliding-window layers) is served as
+before continuous batching, and `/health` says so (`batching`, `batching_fallback`): the
+worker takes the first queued request, keeps the batch open for others a little while
+(rules below), up to `max_batch_size`, and generates them together with `HFGenerator`'s
+batched decode loop. Requests whose sampling settings differ cannot share that loop, so
+a batch is split into groups of equal settings, one `generate` call per group. A group
+decodes for its longest request's `max_tokens`; shorter requests are cut to their own
+limit afterwards, and a disconnected client's request is skipped only if it has not
+started.
+
+How long a fallback batch stays open, two rules:
 
 - gap: after each arrival the batch waits `batch_wait_s` (20 ms) more for the next one, up
   to 8 windows in all, so a burst whose requests trickle in (each is parsed and tokenised
@@ -35,12 +48,13 @@ import queue
 import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from tactful.eval.generation import GenerationConfig, HFGenerator
+from tactful.serve.decode import Row, RunningBatch, continuous_batching_blocker
 from tactful.serve.validation import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -80,6 +94,10 @@ class BatchWorker:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.generator = generator
+        # None: continuous batching; otherwise why this model is served batch-at-a-time
+        self.fallback_reason = continuous_batching_blocker(generator)
+        if self.fallback_reason is not None:
+            log.warning("serving batch-at-a-time, without continuous batching: %s", self.fallback_reason)
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -89,6 +107,7 @@ class BatchWorker:
         self._started_at = time.time()
         self._stats: Counter[str] = Counter()
         self._sizes: Counter[int] = Counter()
+        self._running = 0  # rows in the running batch (continuous mode)
         # The previous batch: when it ended, how long it ran, how many it answered, how many
         # were queued behind it (the follow-up rule's inputs).
         self._last_end = 0.0
@@ -139,12 +158,14 @@ class BatchWorker:
         batched = sum(k * v for k, v in sizes.items())
         n_batches = sum(sizes.values())
         done = s.get("completed", 0) + s.get("failed", 0) + s.get("cancelled", 0)
-        return {
+        stats = {
+            "batching": "batch-at-a-time" if self.fallback_reason else "continuous",
             "requests_submitted": s.get("submitted", 0),
             "requests_completed": s.get("completed", 0),
             "requests_failed": s.get("failed", 0),
             "requests_cancelled": s.get("cancelled", 0),
             "in_flight": s.get("submitted", 0) - done,
+            "running": self._running,
             "batches": n_batches,
             "max_batch_size_seen": max(sizes, default=0),
             "mean_batch_size": round(batched / n_batches, 3) if n_batches else 0.0,
@@ -154,8 +175,149 @@ class BatchWorker:
             "max_batch_size": self.max_batch_size,
             "uptime_s": round(time.time() - self._started_at, 1),
         }
+        if self.fallback_reason:
+            stats["batching_fallback"] = self.fallback_reason
+        return stats
 
     # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        if self.fallback_reason is None:
+            self._continuous_loop()
+        else:
+            self._batch_loop()
+
+    # ------------------------------------------------------------------ continuous batching
+    def _continuous_loop(self) -> None:
+        batch = RunningBatch(self.generator)
+        waiting: deque[_Job] = deque()
+        stopping = False
+        while True:
+            idle = not batch and not waiting
+            if idle and stopping:
+                break  # everything queued before close() is answered
+            stopping = self._take_queued(waiting, block=idle) or stopping
+            try:
+                self._drop_cancelled(batch, waiting)
+                room = self.max_batch_size - len(batch)
+                admitted = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+                if admitted:
+                    self._join(batch, admitted)
+                if batch:
+                    self._step(batch)
+            except Exception as e:  # a dead worker thread would leave every later request hanging
+                log.exception("the decode loop failed; failing the %d request(s) in its batch", len(batch))
+                jobs = [row.job for row in batch.rows]
+                batch.clear()
+                self._fail(jobs, e)
+            self._running = len(batch)
+
+    def _take_queued(self, waiting: deque[_Job], *, block: bool) -> bool:
+        """Move everything queued to `waiting`, waiting for a first item when `block` (the
+        batch is idle). True when the stop sentinel was among them."""
+        stop = False
+        try:
+            item = self._queue.get() if block else self._queue.get_nowait()
+            while True:
+                if item is _STOP:
+                    stop = True
+                else:
+                    waiting.append(item)
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        return stop
+
+    def _drop_cancelled(self, batch: RunningBatch, waiting: deque[_Job]) -> None:
+        """Forget the requests whose handler cancelled them (the client disconnected)."""
+        gone = [row for row in batch.rows if row.job.future.cancelled()]
+        batch.remove(gone)
+        kept = [job for job in waiting if not job.future.cancelled()]
+        n = len(gone) + len(waiting) - len(kept)
+        if n:
+            waiting.clear()
+            waiting.extend(kept)
+            with self._lock:
+                self._stats["cancelled"] += n
+
+    def _join(self, batch: RunningBatch, jobs: list[_Job]) -> None:
+        rows = [Row(j.prompt_ids, j.request, j.seed, job=j) for j in jobs]
+        try:
+            finished = batch.join(rows)
+        except Exception as e:  # a prefill that fails (a huge prompt out of memory) fails its own rows only
+            log.exception("prefill failed for %d request(s)", len(jobs))
+            self._fail(jobs, e)
+            return
+        self._answer(finished)
+
+    def _step(self, batch: RunningBatch) -> None:
+        size = len(batch)
+        try:
+            finished = batch.step()
+        except Exception as e:  # the batch's state is unknown now: fail its rows, keep serving
+            log.exception("a decode step failed for a batch of %d request(s)", size)
+            jobs = [row.job for row in batch.rows]
+            batch.clear()
+            self._fail(jobs, e)
+            return
+        with self._lock:
+            self._sizes[size] += 1
+        self._answer(finished)
+
+    def _answer(self, rows: list[Row]) -> None:
+        for row in rows:
+            job = row.job
+            try:
+                done = self._completion(job, row.ids)
+            except Exception as e:
+                log.exception("decoding a reply failed")
+                self._fail([job], e)
+                continue
+            # False when the handler cancelled it since the last step: nobody waits for it.
+            if not job.future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._stats["cancelled"] += 1
+                continue
+            with self._lock:
+                self._stats["completed"] += 1
+                self._stats["prompt_tokens"] += done.prompt_tokens
+                self._stats["completion_tokens"] += done.completion_tokens
+            job.future.set_result(done)
+
+    def _fail(self, jobs: list[_Job], error: Exception) -> None:
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._stats["failed"] += 1
+                job.future.set_exception(error)
+            else:
+                with self._lock:
+                    self._stats["cancelled"] += 1
+
+    # ------------------------------------------------------------------ batch-at-a-time fallback
+    def _batch_loop(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            batch, stop = self._collect(item)
+            # A handler that went away (client disconnected) cancels its future; skip it.
+            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
+            if len(live) < len(batch):
+                with self._lock:
+                    self._stats["cancelled"] += len(batch) - len(live)
+            groups: dict[tuple, list[_Job]] = {}
+            for job in live:
+                r = job.request
+                groups.setdefault(("greedy",) if r.greedy else ("sample", r.temperature, r.top_p), []).append(job)
+            began = time.monotonic()
+            for jobs in groups.values():
+                self._run_group(jobs)
+            self._last_end = time.monotonic()
+            self._last_seconds = self._last_end - began
+            self._last_size = len(live)
+            self._queued_at_end = self._queue.qsize()
+
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         """The first job plus those that join it under the gap and follow-up rules (see the
         module docstring), up to the batch size. True when the stop sentinel was met."""
@@ -179,30 +341,6 @@ class BatchWorker:
             batch.append(item)
             deadline = min(hard_cap, max(deadline, time.monotonic() + self.batch_wait_s))
         return batch, False
-
-    def _loop(self) -> None:
-        stop = False
-        while not stop:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            batch, stop = self._collect(item)
-            # A handler that went away (client disconnected) cancels its future; skip it.
-            live = [j for j in batch if j.future.set_running_or_notify_cancel()]
-            if len(live) < len(batch):
-                with self._lock:
-                    self._stats["cancelled"] += len(batch) - len(live)
-            groups: dict[tuple, list[_Job]] = {}
-            for job in live:
-                r = job.request
-                groups.setdefault(("greedy",) if r.greedy else ("sample", r.temperature, r.top_p), []).append(job)
-            began = time.monotonic()
-            for jobs in groups.values():
-                self._run_group(jobs)
-            self._last_end = time.monotonic()
-            self._last_seconds = self._last_end - began
-            self._last_size = len(live)
-            self._queued_at_end = self._queue.qsize()
 
     def _run_group(self, jobs: list[_Job]) -> None:
         first = jobs[0].request
