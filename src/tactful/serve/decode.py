@@ -20,7 +20,6 @@ pass treats each row on its own; `continuous_batching_blocker` says when it does
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from tactful.eval.generation import GenerationConfig, _model_device, _next_tokens, _row_seed
 from tactful.serve.validation import ChatRequest
+from tactful.kv_cache import cache_kwarg, returned_cache as output_cache
 
 
 def continuous_batching_blocker(generator: Any) -> str | None:
@@ -58,19 +58,6 @@ def _base_model(model: Any) -> Any:
     """The transformers model under a PEFT wrapper (whose own forward takes **kwargs only)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
-
-
-def cache_kwarg(model: Any) -> str:
-    """The forward keyword that takes the KV cache: transformers 5.24 renamed `past_key_values`
-    to `cache` and warns on the old name, 5.23 knows only the old one."""
-    params = inspect.signature(_base_model(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(out: Any) -> Any:
-    """The KV cache a forward returned, under its 5.24 name or its 5.23 one."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _new_cache(model: Any) -> Any:
