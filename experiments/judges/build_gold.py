@@ -48,8 +48,9 @@ VARIANTS: dict[str, tuple[str, list[str]] | None] = {
     "sft-overtrained": ("sft.yaml", ["training.learning_rate=3e-3", "training.max_steps=25",
                                      "training.max_length=192"]),
 }
-# prompts per generator, by prompt type
+# prompts per generator, by prompt type (the bare model 350, each trained variant 325: 2,000 in all)
 PER_GENERATOR = {"harmful": 150, "seemingly_toxic": 100, "benign": 100}
+PER_VARIANT = {"harmful": 140, "seemingly_toxic": 90, "benign": 95}
 MAX_NEW_TOKENS = 96
 
 
@@ -70,7 +71,7 @@ def assignment(name: str, pool: dict[str, list[dict]]) -> list[dict]:
     """A balanced random subset of the pool for one generator (seeded by its name)."""
     rng = random.Random(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
     rows = []
-    for kind, n in PER_GENERATOR.items():
+    for kind, n in (PER_GENERATOR if VARIANTS[name] is None else PER_VARIANT).items():
         rows += rng.sample(pool[kind], min(n, len(pool[kind])))
     return rows
 

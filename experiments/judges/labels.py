@@ -52,13 +52,12 @@ def batches(items: list[dict], out: Path, size: int, prefix: str = "batch", seed
         print(f"{path}: {len(order[start:start + size])} items")
 
 
-def second(items: list[dict], out: Path, n: int, parts: int = 2, seed: int = 1) -> None:
+def second(items: list[dict], out: Path, n: int, prefix: str = "second", seed: int = 1) -> None:
+    """A random sample to label a second time, independently (written as <prefix>.jsonl)."""
     rng = random.Random(seed)
-    pick = rng.sample(items, min(n, len(items)))
-    for p in range(parts):
-        rows = [_view(it) for it in pick[p::parts]]
-        write_jsonl(out / f"second_{p:02d}.jsonl", rows)
-        print(f"{out / f'second_{p:02d}.jsonl'}: {len(rows)} items")
+    rows = [_view(it) for it in rng.sample(items, min(n, len(items)))]
+    write_jsonl(out / f"{prefix}.jsonl", rows)
+    print(f"{out / f'{prefix}.jsonl'}: {len(rows)} items")
 
 
 PKU_FILE = "pku_saferlhf_test_safety_pairs_5k.json"
@@ -93,8 +92,8 @@ def merge(items: list[dict], labels_dir: Path, out: Path, external: list[dict] |
     by_id = {it["item_id"]: it for it in items + external}
     first: dict[str, dict] = {}
     sec: dict[str, dict] = {}
-    for path in sorted(labels_dir.glob("labels_*.jsonl")) + sorted(labels_dir.glob("second_labels_*.jsonl")):
-        target = sec if path.name.startswith("second_") else first
+    for path in sorted(labels_dir.glob("labels_*.jsonl")):
+        target = sec if path.name.startswith("labels_second") else first
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -149,6 +148,9 @@ def main() -> None:
             p.add_argument("--prefix", default="batch")
         if name == "second":
             p.add_argument("--n", type=int, default=300)
+            p.add_argument("--generators", nargs="*", default=None)
+            p.add_argument("--prefix", default="second")
+            p.add_argument("--seed", type=int, default=1)
         if name == "external":
             p.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
             p.add_argument("--rows", type=int, default=300)
@@ -168,7 +170,9 @@ def main() -> None:
             items = [it for it in items if it["generator"] in args.generators]
         batches(items, args.out, args.size, args.prefix)
     elif args.cmd == "second":
-        second(items, args.out, args.n)
+        if args.generators:
+            items = [it for it in items if it["generator"] in args.generators]
+        second(items, args.out, args.n, args.prefix, args.seed)
     else:
         merge(items, args.labels, args.out, read_jsonl(args.external) if args.external.is_file() else [])
 
