@@ -156,7 +156,7 @@ def main() -> None:
             p.add_argument("--rows", type=int, default=300)
             p.add_argument("--size", type=int, default=200)
         if name == "merge":
-            p.add_argument("--labels", type=Path, default=ROOT / "runs/gold/batches")
+            p.add_argument("--labels", type=Path, default=ROOT / "experiments/judges/labels")
             p.add_argument("--external", type=Path, default=ROOT / "runs/gold/external_items.jsonl")
     args = ap.parse_args()
     if args.cmd == "external":

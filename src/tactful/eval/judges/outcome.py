@@ -402,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, test = gold.load_gold(args.gold, "train"), gold.load_gold(args.gold, "test")
         if args.cmd == "fit":
             t0 = time.time()
-            ext_train = gold.load_external(args.shared, "train")
-            ext_test = gold.load_external(args.shared, "test")
+            ext_path = Path(args.gold).parent / "external.jsonl" if args.gold else None
+            ext_train = gold.load_external(args.shared, "train", ext_path)
+            ext_test = gold.load_external(args.shared, "test", ext_path)
             if not ext_train:
                 print(f"note: {args.shared} lacks the external gold sources; fitting on tactful's gold set only")
             side = fit(train + ext_train, test, Path(args.heads) if args.heads else heads_path(),
