@@ -6,15 +6,14 @@ tracebacks are for bugs only.
 
 from __future__ import annotations
 
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 
 from tactful.errors import UserError
+from tactful.progress import progress_factory
 
 app = typer.Typer(
     help="tactful: make open-weight chat models safe without making them useless.",
@@ -35,20 +34,6 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-@contextmanager
-def progress_factory() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Rich progress bars for long steps; each call adds one bar and returns its advance function."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=_console(), transient=False) as prog:
-        def make(desc: str, total: int) -> Callable[[int], None]:
-            task = prog.add_task(desc, total=total)
-            return lambda k: prog.advance(task, k)
-
-        yield make
 
 
 def _split_list(value: str) -> list[str]:

@@ -65,10 +65,10 @@ def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | Non
 
 def run_demo(out: str = "runs/demo", limit: int | None = None, align: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    from tactful.cli import progress_factory
     from tactful.eval.report import compare
     from tactful.eval.runner import EvalConfig, evaluate
     from tactful.methods.registry import train_recipe
+    from tactful.progress import progress_factory
     from tactful.recipes import recipe_path
 
     root = Path(out)
