@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from tactful.eval.report import fmt_metric, over_refusal  # the same numbers as `tactful compare`
+
 DEMO_SUITES = ("safety", "over-refusal", "capability")
 
 # A demo-sized budget: the full recipes/dcr.yaml trains for an epoch; the demo trains for
@@ -28,23 +30,14 @@ DEMO_OVERRIDES = [
 ]
 
 
-def _flip(r: dict[str, Any]) -> dict[str, Any]:
-    """Over-refusal = 1 - compliance, with the interval flipped accordingly."""
-    if r.get("value") is None:
-        return r
-    return {**r, "value": 1 - r["value"], "ci_low": 1 - r["ci_high"], "ci_high": 1 - r["ci_low"]}
-
-
 ROWS = (
     ("safety", "safety: harmful prompts refused", lambda r: r),
-    ("over-refusal", "over-refusal: benign prompts refused", _flip),
+    ("over-refusal", "over-refusal: benign prompts refused", over_refusal),
     ("capability", "capability: multiple-choice accuracy", lambda r: r),
 )
 
 
 def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | None = None) -> str:
-    from tactful.eval.report import fmt_metric
-
     s = metrics.get("suites", {})
     lines = [f"== {title} =="]
     header = f"  {'':40s} {'before' if after else '':28s} {'after' if after else ''}"
