@@ -141,15 +141,20 @@ def resolve_model_path(spec: str) -> str:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"model path {spec} is a file; give a model directory")
-        if not (path / "config.json").is_file():
-            hint = (" (it is a PEFT adapter: pass it with --adapter and its base model with --model)"
-                    if (path / "adapter_config.json").is_file() else "")
-            raise UserError(f"{spec} is not a model directory: it has no config.json{hint}")
         return str(path)
     if not _HUB_ID.match(spec):
         raise UserError(f"model {spec!r} is not a hub id (owner/name) or a local model directory: "
                         f"path {path} does not exist")
     return spec
+
+
+def _check_model_dir(path: str, spec: str) -> None:
+    """A local directory must hold a transformers model (config.json), said plainly."""
+    d = Path(path)
+    if d.is_dir() and not (d / "config.json").is_file():
+        hint = (" (it is a PEFT adapter: pass it with --adapter and its base model with --model)"
+                if (d / "adapter_config.json").is_file() else "")
+        raise UserError(f"{spec} is not a model directory: it has no config.json{hint}")
 
 
 def _torch_dtype(dtype: str) -> Any:
@@ -202,6 +207,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(spec)
+    _check_model_dir(path, spec)
     tok = load_tokenizer(spec, chat_template=chat_template, trust_remote_code=trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
