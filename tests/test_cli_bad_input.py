@@ -112,6 +112,21 @@ def test_an_unwritable_output_directory_is_a_user_error(tmp_path, capsys, no_mod
     assert_user_error(code, err, "cannot")
 
 
+def test_a_directory_that_refuses_writes_is_a_user_error(tmp_path, monkeypatch):
+    # root writes anywhere, so the refusal (a read-only mount, say) is simulated
+    import tempfile
+
+    from tactful.errors import UserError
+    from tactful.io import ensure_dir
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(UserError, match=f"cannot write to output_dir {tmp_path}: Permission denied"):
+        ensure_dir(tmp_path, "output_dir")
+
+
 def test_train_rejects_negative_max_steps_naming_the_field(capsys, no_model):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "sft.yaml"
     code, _, err = run_cli(capsys, "train", str(recipe), "--set", "training.max_steps=-5")
