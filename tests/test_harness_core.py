@@ -55,6 +55,8 @@ def test_builtin_suites_load():
     ({"name": "x", "dataset": "d", "expected": "refuse", "n": "ten"}, "'n' has the wrong type"),
     ({"name": "x", "dataset": "d", "expected": "refuse", "generation": {"max_tokens": 5}}, "unknown generation option"),
     ({"name": "x", "dataset": "d", "expected": "policy"}, "policy suites need a 'policy' file"),
+    ({"name": "x", "dataset": "d", "expected": "refuse", "generation": {"temperature": float("nan")}},
+     "'temperature' must be a finite number, got nan"),
 ])
 def test_suite_validation_errors(raw, msg):
     with pytest.raises(UserError, match=msg):

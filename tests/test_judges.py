@@ -49,6 +49,20 @@ def test_registry_names_and_unknown_judge():
         get_judge("llm-refusal")
 
 
+def test_judges_named_by_import_path_resolve_and_names_are_checked_without_creating():
+    from tactful.eval.judges.base import _PREFIXES, _REGISTRY, check_judge_name, resolve_factory
+
+    paths = [f for f, _ in _REGISTRY.values() if isinstance(f, str)] + [f for f in _PREFIXES.values() if isinstance(f, str)]
+    assert {"tactful.methods.trace.judges:policy_rules_judge", "tactful.eval.judges.guard:guard_judge"} <= set(paths)
+    assert all(callable(resolve_factory(p)) for p in paths)
+    for name in ("policy-rules", "policy-minilm", "guard:/some/model", "llm:gpt-4o:refusal"):
+        check_judge_name(name)  # known names (nothing is loaded)
+    for name in ("policy-rulez", "guard:", "llm:gpt-4o:nonsense"):
+        with pytest.raises(UserError, match="unknown judge"):
+            check_judge_name(name)
+    assert get_judge("policy-rules", refusal="string-xstest").name == "policy-rules[string-xstest]"
+
+
 # ---------------------------------------------------------------- string match
 
 def test_string_lists_are_the_published_ones():

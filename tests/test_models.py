@@ -139,5 +139,21 @@ def test_bad_specs_are_user_errors(tmp_path):
         models.attach_adapter(object(), tmp_path)
     with pytest.raises(UserError, match="unknown dtype"):
         models._torch_dtype("float8")
-    with pytest.raises(UserError, match="cannot load"):
-        models.load_model(str(tmp_path / "missing-model-dir-that-is-no-hub-id"))
+    missing = tmp_path / "missing-model-dir-that-is-no-hub-id"
+    with pytest.raises(UserError, match=f"is not a hub id .* or a local model directory: path {missing} does not exist"):
+        models.load_model(str(missing))
+    with pytest.raises(UserError, match=r"is not a model directory: it has no config.json$"):
+        models.load_model(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="it is a PEFT adapter: pass it with --adapter"):
+        models.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="has no tokenizer"):
+        models.load_tokenizer(str(tmp_path))
+
+
+def test_library_errors_become_one_line_of_whole_sentences():
+    e = OSError("Couldn't instantiate the backend tokenizer from one of:\n(1) a tokenizers file\n(2) a slow one.")
+    assert models._first_line(e) == "Couldn't instantiate the backend tokenizer from one of: (1) a tokenizers file (2) a slow one."
+    long = OSError("First sentence is short. " + "word " * 100)
+    assert models._first_line(long) == "First sentence is short."

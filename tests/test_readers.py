@@ -163,3 +163,35 @@ def test_parse_bool_and_convert():
         parse_bool("maybe", row, "x")
     rows = [Row({"v": i}, f"f:{i}") for i in range(4)]
     assert convert(rows, lambda r: r.get("v") if r.get("v") % 2 else None) == [1, 3]
+
+
+def test_csv_unterminated_quote_names_the_line_it_opens_on(tmp_path):
+    f = write(tmp_path / "d.csv", 'prompt,label\nhello,a\n"broken,b\nthird,c\nfourth,d\n')
+    with pytest.raises(UserError, match=r"d\.csv:3: unterminated quoted field"):
+        read_rows(f)
+    # quoted fields that span lines and close properly are still fine
+    rows = read_rows(write(tmp_path / "ok.csv", 'prompt,label\n"two\nlines",a\n'))
+    assert rows[0].data == {"prompt": "two\nlines", "label": "a"}
+
+
+def test_csv_with_a_utf8_byte_order_mark_keeps_its_first_column(tmp_path):
+    f = tmp_path / "bom.csv"
+    f.write_bytes("\ufeffgoal,target\nx,y\n".encode("utf-8"))
+    assert read_rows(f)[0].data == {"goal": "x", "target": "y"}
+
+
+def test_utf16_with_a_byte_order_mark_is_decoded(tmp_path):
+    f = tmp_path / "u16.jsonl"
+    f.write_bytes('{"prompt": "héllo"}\n'.encode("utf-16"))  # Python writes a BOM
+    assert read_rows(f)[0].data == {"prompt": "héllo"}
+
+
+@pytest.mark.parametrize("name,data,msg", [
+    ("bin.jsonl", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"bin\.jsonl is a binary file"),
+    ("u16.csv", "prompt\nhi\n".encode("utf-16-le"), r"u16\.csv looks like UTF-16 text without a byte-order mark"),
+    ("latin1.json", '[{"prompt": "ok"},\n {"prompt": "caf\xe9"}]'.encode("latin-1"), r"latin1\.json:2: .*not UTF-8"),
+])
+def test_files_that_are_not_utf8_text_are_user_errors(tmp_path, name, data, msg):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError, match=msg):
+        read_rows(tmp_path / name)

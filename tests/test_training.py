@@ -77,8 +77,8 @@ def test_mix_ratio(sft_files):
 
 def _sft_config(tmp_path, sft_files, **training):
     benign, refusals = sft_files
-    t = TrainingSettings(learning_rate=1e-3, max_steps=6, per_device_train_batch_size=4, save_steps=3,
-                         logging_steps=1, warmup_ratio=0.0, lr_scheduler_type="constant", **training)
+    t = TrainingSettings(**{"learning_rate": 1e-3, "max_steps": 6, "per_device_train_batch_size": 4, "save_steps": 3,
+                            "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler_type": "constant", **training})
     return SFTConfig(output_dir=str(tmp_path / "run"), data=SFTData(benign=[benign], refusals=[refusals], split=None),
                      lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), training=t)
 
@@ -96,8 +96,8 @@ class _Interrupt(TrainerCallback):
 
 
 def test_sft_trains_saves_and_resumes_to_the_same_adapter(tmp_path, sft_files):
-    # uninterrupted run
-    cfg = _sft_config(tmp_path / "a", sft_files)
+    # uninterrupted run; logging every 5 steps leaves steps 4-6 of the resumed run unlogged but for the checkpoints
+    cfg = _sft_config(tmp_path / "a", sft_files, logging_steps=5)
     model, _ = tiny_model(seed=0)
     tok = tiny_model.__wrapped__ if hasattr(tiny_model, "__wrapped__") else None
     from tactful.models import load_tokenizer
@@ -110,7 +110,7 @@ def test_sft_trains_saves_and_resumes_to_the_same_adapter(tmp_path, sft_files):
     assert any(v.abs().sum() > 0 for k, v in full.items() if "lora_B" in k)
 
     # interrupted after step 4 (checkpoint at step 3), then resumed by running again
-    cfg2 = _sft_config(tmp_path / "b", sft_files)
+    cfg2 = _sft_config(tmp_path / "b", sft_files, logging_steps=5)
     with pytest.raises(KeyboardInterrupt):
         train_sft(cfg2, model=tiny_model(seed=0)[0], tokenizer=tok, callbacks=[_Interrupt()], log=lambda s: None)
     assert not (Path(cfg2.output_dir) / "adapter").exists()  # nothing half-written
@@ -121,6 +121,10 @@ def test_sft_trains_saves_and_resumes_to_the_same_adapter(tmp_path, sft_files):
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.allclose(full[k], resumed[k], atol=1e-5), k
+    # the manifest's loss covers all 6 steps, not only the 3 trained after the resume
+    manifest2 = json.loads((run2.path / "manifest.json").read_text())
+    assert manifest2["steps"] == 6
+    assert manifest2["train_loss"] == pytest.approx(manifest["train_loss"], rel=1e-4)
 
 
 def test_balanced_sampler():
@@ -201,6 +205,17 @@ def test_recipe_validation_errors(tmp_path):
     bad.write_text("method: sft\nlora: [1, 2\n")
     with pytest.raises(UserError, match="malformed YAML"):
         load_recipe(str(bad))
+    bad.write_text("method: sft\n")
+    # -5 used to start a full epoch; -1 is the documented "no step limit"
+    with pytest.raises(UserError, match=r"bad.yaml: field 'training.max_steps': must be at least 1, or -1 \(unset"):
+        load_recipe(str(bad), ["training.max_steps=-5"])
+    with pytest.raises(UserError, match="'training.max_steps': must be at least 1"):
+        load_recipe(str(bad), ["training.max_steps=0"])
+    assert load_recipe(str(bad), ["training.max_steps=-1"])[1].training.max_steps == -1
+    with pytest.raises(UserError, match="'training.per_device_train_batch_size': must be at least 1, got 0"):
+        load_recipe(str(bad), ["training.per_device_train_batch_size=0"])
+    with pytest.raises(UserError, match="'training.learning_rate': expected a finite number, got nan"):
+        load_recipe(str(bad), ["training.learning_rate=.nan"])
 
 
 def test_shipped_recipes_parse():

@@ -6,17 +6,32 @@ tracebacks are for bugs only.
 
 from __future__ import annotations
 
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 
 from tactful.errors import UserError
+from tactful.progress import progress_factory
+
+INTERRUPTED = "interrupted; re-run the same command to resume from the last checkpoint"
+
+
+class _Group(typer.core.TyperGroup):
+    """Says how to resume when Ctrl-C stops a command. Typer turns KeyboardInterrupt into
+    exit code 130 before `main` could see it, so the message is printed here, on its way out."""
+
+    def invoke(self, ctx):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo(f"\n{INTERRUPTED}", err=True)
+            raise
+
 
 app = typer.Typer(
+    cls=_Group,
     help="tactful: make open-weight chat models safe without making them useless.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -37,20 +52,6 @@ def _console():
     return Console(stderr=True)
 
 
-@contextmanager
-def progress_factory() -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Rich progress bars for long steps; each call adds one bar and returns its advance function."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=_console(), transient=False) as prog:
-        def make(desc: str, total: int) -> Callable[[int], None]:
-            task = prog.add_task(desc, total=total)
-            return lambda k: prog.advance(task, k)
-
-        yield make
-
-
 def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -68,6 +69,7 @@ def chat(
     trust_remote_code: bool = typer.Option(False, help="Allow model repositories to run their own code."),
 ) -> None:
     """Talk to a model (or answer --prompt and exit)."""
+    from tactful.chat import check_prompts_fit
     from tactful.eval.generation import GenerationConfig, HFGenerator
     from tactful.models import load_model
     from tactful.runs import load_run_model
@@ -83,6 +85,7 @@ def chat(
     gen = HFGenerator(m, tok, name=f"hf:{name}")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, system=system, batch_size=8)
     if prompt:
+        check_prompts_fit(m, tok, list(prompt), system=system, max_new_tokens=max_new_tokens)
         for p, reply in zip(prompt, gen.generate(list(prompt), cfg)):
             typer.echo(f"> {p}\n{reply}\n")
         return
@@ -93,8 +96,14 @@ def chat(
         except EOFError:
             typer.echo()
             return
-        if text:
-            typer.echo("model> " + gen.generate([text], cfg)[0])
+        if not text:
+            continue
+        try:
+            check_prompts_fit(m, tok, [text], system=system, max_new_tokens=max_new_tokens)
+        except UserError as e:  # say so and keep the conversation going
+            typer.echo(f"error: {e}", err=True)
+            continue
+        typer.echo("model> " + gen.generate([text], cfg)[0])
 
 
 # ---------------------------------------------------------------- serve
@@ -145,13 +154,15 @@ def data_show(
     name: str = typer.Argument(..., help="A registry name (see `tactful data list`)."),
     path: Optional[str] = typer.Option(None, help="Read the benchmark from this local file instead of the hub."),
     split: Optional[str] = typer.Option(None, help="Split (hub split, or train/test for built-in sets)."),
-    n: int = typer.Option(5, "--n", help="How many records to show."),
+    n: int = typer.Option(5, "--n", help="How many records to show (0: only count them)."),
 ) -> None:
     """Show the first records of a benchmark, mapped to tactful's record types."""
     import json
 
     from tactful.data.registry import load_benchmark
 
+    if n < 0:  # recs[:-1] would quietly show all but the last
+        raise UserError(f"--n must be 0 or more, got {n}")
     recs = load_benchmark(name, path=path, split=split)
     typer.echo(f"{name}: {len(recs)} records")
     for r in recs[:n]:
@@ -401,8 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; re-run the same command to resume from the last checkpoint", err=True)
+    except KeyboardInterrupt:  # outside a command (Typer handles those, see _Group)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
 
 

@@ -5,13 +5,15 @@ every field's type, naming the file and the dotted field path on error:
 
     recipes/dcr.yaml: field 'stage1.layer': expected an integer, got 'six'
 
-Field choices are declared with `field(metadata={"choices": (...)})` and help text
-with `metadata={"help": ...}`, so the same dataclass documents the recipe keys.
+Field choices are declared with `field(metadata={"choices": (...)})`, lower bounds with
+`metadata={"min": 1}` (plus `"except": {-1: "what -1 means"}` for a documented sentinel) and
+help text with `metadata={"help": ...}`, so the same dataclass documents the recipe keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any, Mapping, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from tactful.errors import UserError
+from tactful.io import read_text_file
 
 T = TypeVar("T")
 
@@ -44,10 +47,22 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "<co
         if choices and kwargs[key] not in choices and kwargs[key] is not None:
             raise UserError(f"field {dotted!r}: {kwargs[key]!r} is not one of {', '.join(map(str, choices))}",
                             where=where)
+        _check_min(f, kwargs[key], where=where, path=dotted)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field missing
         raise UserError(f"{path or 'config'}: {e}", where=where) from None
+
+
+def _check_min(f: dataclasses.Field, value: Any, *, where: str, path: str) -> None:
+    """A value below the field's declared minimum is an error (never quietly reinterpreted),
+    except the sentinels the field documents (max_steps=-1: no step limit)."""
+    lo = f.metadata.get("min")
+    sentinels = f.metadata.get("except", {})
+    if lo is None or value is None or value >= lo or value in sentinels:
+        return
+    allowed = "".join(f", or {k} ({v})" for k, v in sentinels.items())
+    raise UserError(f"field {path!r}: must be at least {lo}{allowed}, got {value!r}", where=where)
 
 
 def to_dict(obj: Any) -> Any:
@@ -108,9 +123,12 @@ def _coerce(tp: Any, value: Any, *, where: str, path: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"field {path!r}: expected a number, got {value!r}", where=where)
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"field {path!r}: expected a number, got {value!r}", where=where) from None
+        if not math.isfinite(number):  # YAML .nan / .inf parse as floats; no setting means them
+            raise UserError(f"field {path!r}: expected a finite number, got {value!r}", where=where)
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"field {path!r}: expected a string, got {type(value).__name__}", where=where)
@@ -123,7 +141,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_file(path, "recipe"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise UserError(f"malformed YAML ({getattr(e, 'problem', e)})",

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from tactful.eval.report import over_refusal  # the same numbers as `tactful compare`
+
 DEMO_SUITES = ("safety", "over-refusal", "capability")
 
 # A demo-sized budget: the full recipes/dcr.yaml trains for an epoch; the demo trains for
@@ -28,13 +30,6 @@ DEMO_OVERRIDES = [
 ]
 
 
-def _flip(r: dict[str, Any]) -> dict[str, Any]:
-    """Over-refusal = 1 - compliance, with the interval flipped accordingly."""
-    if r.get("value") is None:
-        return r
-    return {**r, "value": 1 - r["value"], "ci_low": 1 - r["ci_high"], "ci_high": 1 - r["ci_low"]}
-
-
 # (suite, outcome or None for the suite's headline, row label, transform)
 ROWS = (
     ("safety", "declined", "harmful prompts declined", None),
@@ -45,7 +40,7 @@ ROWS = (
     ("over-refusal", "helpful", "seemingly-toxic prompts helped", None),
     ("over-refusal", "degenerate", "seemingly-toxic: degenerate replies", None),
     ("safety", None, "harmful prompts refused", lambda r: r),  # judges without outcomes
-    ("over-refusal", None, "benign prompts refused", _flip),
+    ("over-refusal", None, "benign prompts refused", over_refusal),
     ("capability", None, "capability: multiple-choice accuracy", lambda r: r),
 )
 
@@ -89,10 +84,10 @@ def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | Non
 
 def run_demo(out: str = "runs/demo", limit: int | None = None, align: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
-    from tactful.cli import progress_factory
     from tactful.eval.report import compare
     from tactful.eval.runner import EvalConfig, evaluate
     from tactful.methods.registry import train_recipe
+    from tactful.progress import progress_factory
     from tactful.recipes import recipe_path
 
     root = Path(out)

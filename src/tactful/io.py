@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from tactful.errors import UserError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
@@ -58,6 +60,60 @@ def publish_dir(tmp: str | os.PathLike, target: str | os.PathLike) -> Path:
     else:
         os.replace(tmp, target)
     return target
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """Create `path` (and parents) and check that files can be written in it, before any slow work.
+
+    A path that is a file, lies under a file, or is not writable is a UserError naming it
+    (not a FileExistsError / PermissionError traceback after the model has loaded).
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is an existing file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # os.access ignores read-only mounts and ACLs; writing a file is the honest test
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise UserError(f"cannot create {what} {path}: a file is in the way") from None
+    except NotADirectoryError:
+        raise UserError(f"cannot create {what} {path}: part of the path is a file") from None
+    except OSError as e:
+        raise UserError(f"cannot write to {what} {path}: {e.strerror or e}") from None
+    return path
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a UTF-8 file, as a UserError naming the file and line if it is not text.
+
+    A UTF-8 byte-order mark (spreadsheets write one) is dropped, and a file with a UTF-16
+    byte-order mark (Windows "Unicode" text) is decoded as UTF-16: both are unambiguous.
+    Anything else must be UTF-8; binary files (NUL bytes) are refused as such.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if data.startswith(_UTF16_BOMS):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError:
+            raise UserError(f"{what} {path} starts with a UTF-16 byte-order mark but is not valid UTF-16") from None
+    if b"\x00" in data:
+        sample = data[:4096]
+        if sample[1::2].count(0) > len(sample) // 4 or sample[0::2].count(0) > len(sample) // 4:
+            raise UserError(f"{what} {path} looks like UTF-16 text without a byte-order mark; save it as UTF-8")
+        raise UserError(f"{what} {path} is a binary file, not text (save it as UTF-8 text)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start}); "
+                        "save it as UTF-8", where=f"{path}:{line}") from None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -13,6 +13,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -123,8 +124,17 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     (out / _CACHE_MARKER).write_text(json.dumps(marker, indent=2))
 
 
+# A hub repository id: "name" or "owner/name" (the hub's own rule, less its length limits).
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?(/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?)?$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def resolve_model_path(spec: str) -> str:
-    """Map a spec to something `from_pretrained` accepts: the embedded cache, a local dir, or a hub id."""
+    """Map a spec to something `from_pretrained` accepts: the embedded cache, a local dir, or a hub id.
+
+    Specs that can be neither a local model directory nor a hub id are UserErrors saying
+    which, instead of the hub library's complaint about repository-id syntax.
+    """
     if is_embedded(spec):
         return str(embedded_model_dir())
     path = Path(spec).expanduser()
@@ -132,7 +142,19 @@ def resolve_model_path(spec: str) -> str:
         if not path.is_dir():
             raise UserError(f"model path {spec} is a file; give a model directory")
         return str(path)
+    if not _HUB_ID.match(spec):
+        raise UserError(f"model {spec!r} is not a hub id (owner/name) or a local model directory: "
+                        f"path {path} does not exist")
     return spec
+
+
+def _check_model_dir(path: str, spec: str) -> None:
+    """A local directory must hold a transformers model (config.json), said plainly."""
+    d = Path(path)
+    if d.is_dir() and not (d / "config.json").is_file():
+        hint = (" (it is a PEFT adapter: pass it with --adapter and its base model with --model)"
+                if (d / "adapter_config.json").is_file() else "")
+        raise UserError(f"{spec} is not a model directory: it has no config.json{hint}")
 
 
 def _torch_dtype(dtype: str) -> Any:
@@ -150,10 +172,14 @@ def load_tokenizer(spec: str, *, chat_template: str | None = None, trust_remote_
     from transformers import AutoTokenizer
 
     path = resolve_model_path(spec)
+    local = Path(path).is_dir()
+    if local and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        raise UserError(f"model directory {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer for model {spec!r}: {_first_line(e)}") from None
+        where = "" if local else f" (no local directory {spec} exists, so it was looked up on the hub)"
+        raise UserError(f"cannot load tokenizer for model {spec!r}{where}: {_first_line(e)}") from None
     if chat_template is not None:
         tok.chat_template = _read_template(chat_template)
     if tok.pad_token is None:
@@ -181,6 +207,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(spec)
+    _check_model_dir(path, spec)
     tok = load_tokenizer(spec, chat_template=chat_template, trust_remote_code=trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -254,7 +281,9 @@ def _read_template(template: str) -> str:
     if "{%" not in template and "{{" not in template and path.suffix in {".jinja", ".j2", ".txt"}:
         if not path.is_file():
             raise UserError(f"chat template file {template} does not exist")
-        return path.read_text()
+        from tactful.io import read_text_file
+
+        return read_text_file(path, "chat template file")
     return template
 
 
@@ -283,6 +312,13 @@ def format_prompt(tokenizer: Any, prompt: str, *, system: str | None = None) -> 
     return format_chat(tokenizer, messages_for(prompt, system), add_generation_prompt=True)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """A library's error as one line of whole sentences (its first line alone often ends in
+    "from one of:"), at most about `limit` characters."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    if not text:
+        return type(e).__name__
+    if len(text) > limit:
+        cut = text.rfind(". ", 0, limit)
+        text = text[:cut + 1] if cut > 0 else text[:limit].rsplit(" ", 1)[0] + " ..."
+    return text

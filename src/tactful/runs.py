@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tactful.errors import UserError
-from tactful.io import atomic_write_json, atomic_write_text, sha256_file, sha256_text
+from tactful.io import atomic_write_json, atomic_write_text, ensure_dir, read_text_file, sha256_file, sha256_text
 
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|authorization)", re.I)
 
@@ -92,9 +92,8 @@ class RunDir:
     return the path unwritten), so the processes never race on a file.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | os.PathLike, what: str = "run directory"):
+        self.path = ensure_dir(path, what)
 
     @staticmethod
     def _writes() -> bool:
@@ -177,9 +176,12 @@ def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a tactful run directory (no manifest.json)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(read_text_file(path, "manifest"))
     except json.JSONDecodeError as e:
         raise UserError(f"malformed manifest ({e.msg})", where=f"{path}:{e.lineno}") from None
+    if not isinstance(manifest, dict):
+        raise UserError("malformed manifest (expected a JSON object)", where=str(path))
+    return manifest
 
 
 def load_run_model(run_dir: str | os.PathLike, **kw: Any) -> tuple[Any, Any, str]:

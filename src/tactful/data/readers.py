@@ -7,6 +7,7 @@ so that a later missing field can be reported as `file:line: missing field 'x'`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from tactful.errors import UserError
+from tactful.io import read_text_file
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
 
@@ -63,22 +65,22 @@ def read_rows(path: str | os.PathLike, *, fmt: str | None = None) -> list[Row]:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"malformed JSON ({e.msg} at column {e.colno})", where=f"{path}:{i}") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"expected a JSON object per line, got {type(obj).__name__}", where=f"{path}:{i}")
-            rows.append(Row(obj, f"{path}:{i}"))
+    # split on "\n" only: str.splitlines would also split at U+2028 etc., which JSON strings may hold
+    for i, line in enumerate(read_text_file(path, "data file").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"malformed JSON ({e.msg} at column {e.colno})", where=f"{path}:{i}") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"expected a JSON object per line, got {type(obj).__name__}", where=f"{path}:{i}")
+        rows.append(Row(obj, f"{path}:{i}"))
     return rows
 
 
 def _read_json(path: Path) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "data file")
     if not text.strip():
         return []
     try:
@@ -106,24 +108,31 @@ def _read_json(path: Path) -> list[Row]:
 
 def _read_csv(path: Path) -> list[Row]:
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    # strict: an unterminated quote is an error, not the rest of the file merged into one value
+    reader = csv.DictReader(io.StringIO(read_text_file(path, "data file"), newline=""), strict=True)
+    try:
         if reader.fieldnames is None:
             return []
-        if any(not name for name in reader.fieldnames if name is not None) and len(reader.fieldnames) > 1:
-            # pandas-style index column with an empty header: name it so rows stay well-formed
-            reader.fieldnames = [name or "_index" for name in reader.fieldnames]
+    except csv.Error as e:
+        raise UserError(f"malformed CSV header ({e})", where=f"{path}:1") from None
+    if any(not name for name in reader.fieldnames if name is not None) and len(reader.fieldnames) > 1:
+        # pandas-style index column with an empty header: name it so rows stay well-formed
+        reader.fieldnames = [name or "_index" for name in reader.fieldnames]
+    while True:
+        start = reader.line_num + 1  # the line the next record starts on (or a blank line before it)
         try:
-            for row in reader:
-                line = reader.line_num
-                if None in row:
-                    raise UserError(
-                        f"row has more values than the header's {len(reader.fieldnames)} columns",
-                        where=f"{path}:{line}",
-                    )
-                rows.append(Row(dict(row), f"{path}:{line}"))
+            row = next(reader)
+        except StopIteration:
+            break
         except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                raise UserError("unterminated quoted field: its opening quote is never closed, so the rest of "
+                                "the file would become one value", where=f"{path}:{start}") from None
             raise UserError(f"malformed CSV ({e})", where=f"{path}:{reader.line_num}") from None
+        if None in row:
+            raise UserError(f"row has more values than the header's {len(reader.fieldnames)} columns",
+                            where=f"{path}:{reader.line_num}")
+        rows.append(Row(dict(row), f"{path}:{reader.line_num}"))
     return rows
 
 

@@ -41,6 +41,7 @@ from tactful.data.records import (
     PromptRecord,
 )
 from tactful.errors import UserError
+from tactful.io import read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -459,7 +460,7 @@ def _attach_piqa_labels(path: Path, rows: list[Row]) -> list[Row]:
             break
     else:
         return rows  # the adapter explains what is missing, naming the first row
-    labels = [(n, line.strip()) for n, line in enumerate(candidate.read_text(encoding="utf-8").splitlines(), 1)
+    labels = [(n, line.strip()) for n, line in enumerate(read_text_file(candidate, "labels file").splitlines(), 1)
               if line.strip()]
     if len(labels) != len(rows):
         raise UserError(f"labels file {candidate} has {len(labels)} labels but {path} has {len(rows)} rows")

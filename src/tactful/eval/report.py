@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tactful.errors import UserError
-from tactful.io import atomic_write_bytes, atomic_write_text
+from tactful.io import atomic_write_bytes, atomic_write_text, ensure_dir, read_text_file
 
-PCT_METRICS = {"safe_rate", "compliance_rate", "accuracy", "mc2", "policy_agreement"}
+PCT_METRICS = {"safe_rate", "compliance_rate", "over_refusal_rate", "accuracy", "mc2", "policy_agreement"}
 
 
 def fmt_metric(res: dict[str, Any]) -> str:
@@ -91,11 +91,54 @@ def load_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
         if alt.is_file():
             path = alt
         else:
-            raise UserError(f"{run_dir} has no metrics.json; run `tactful eval --out {run_dir}` first")
+            raise UserError(f"{run_dir} has no metrics.json; {_how_to_evaluate(Path(run_dir))}")
     try:
-        return json.loads(path.read_text())
+        metrics = json.loads(read_text_file(path, "metrics file"))
     except json.JSONDecodeError as e:
         raise UserError(f"malformed metrics file ({e.msg})", where=f"{path}:{e.lineno}") from None
+    if not isinstance(metrics, dict):
+        raise UserError(f"not a tactful metrics file: expected a JSON object, got a {_json_type(metrics)}",
+                        where=str(path))
+    suites = metrics.get("suites", {})
+    bad = [k for k, v in suites.items() if not isinstance(v, dict)] if isinstance(suites, dict) else ["suites"]
+    if bad:
+        raise UserError(f"not a tactful metrics file: {bad[0]!r} should be a JSON object", where=str(path))
+    return metrics
+
+
+def _json_type(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def _how_to_evaluate(run_dir: Path) -> str:
+    """The command that makes the metrics `compare` needs for `run_dir`."""
+    kind = None
+    if (run_dir / "manifest.json").is_file():
+        try:
+            kind = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("kind")
+        except (ValueError, AttributeError):
+            kind = None
+    if kind and kind != "eval":
+        # a training run: evaluate *its* model (`--out DIR` alone would evaluate the base model into it)
+        return f"it is a {kind} training run: evaluate its model with `tactful eval --run {run_dir} --out {run_dir / 'eval'}`"
+    return f"run `tactful eval --out {run_dir}` (with the model's --model / --run) first"
+
+
+def over_refusal(res: dict[str, Any]) -> dict[str, Any]:
+    """A compliance-rate result as over-refusal = 1 - compliance, its interval flipped to match."""
+    if res.get("value") is None:
+        return {**res, "metric": "over_refusal_rate"}
+    return {**res, "metric": "over_refusal_rate", "value": 1 - res["value"], "ci_low": 1 - res["ci_high"],
+            "ci_high": 1 - res["ci_low"]}
+
+
+def compare_column(suite: str, res: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+    """The heading and result `compare` shows for one suite: compliance rates as over-refusal,
+    so that a column headed over-refusal shows the refusal rate (as the safety card and the
+    frontier plot do), every other metric as it is; the heading names the metric shown."""
+    if res is not None and res.get("metric") == "compliance_rate":
+        return f"{suite} (over-refusal rate = 1 - compliance)", over_refusal(res)
+    return f"{suite} ({res.get('metric')})" if res is not None else suite, res
 
 
 def compare(run_dirs: Sequence[str], *, labels: Sequence[str] | None = None, out: str | None = None) -> dict[str, Any]:
@@ -106,22 +149,24 @@ def compare(run_dirs: Sequence[str], *, labels: Sequence[str] | None = None, out
     labels = list(labels) if labels else [Path(d).name or str(d) for d in run_dirs]
     if len(labels) != len(runs):
         raise UserError(f"{len(labels)} labels for {len(runs)} runs")
+    out_dir = ensure_dir(out, "--out directory") if out else None  # before any work, not after the table
     suites: list[str] = []
     for r in runs:
         suites += [s for s in r.get("suites", {}) if s not in suites]
-    header = "| run | " + " | ".join(suites) + " |"
-    lines = [header, "|" + "---|" * (len(suites) + 1)]
+    headings = []
+    for s in suites:
+        first = next((r["suites"][s] for r in runs if isinstance(r["suites"].get(s), dict)), None)
+        headings.append(compare_column(s, first)[0])
+    lines = ["| run | " + " | ".join(headings) + " |", "|" + "---|" * (len(suites) + 1)]
     for lab, r in zip(labels, runs):
         cells = []
         for s in suites:
-            res = r.get("suites", {}).get(s)
+            res = compare_column(s, r.get("suites", {}).get(s))[1]
             cells.append(f"{fmt_metric(res)} (n={res.get('n')})" if res else "—")
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     result: dict[str, Any] = {"table": table, "plots": []}
-    out_dir = Path(out) if out else None
     if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "compare.md", table + "\n")
         fr = frontier_plot(runs, labels, out_dir / "frontier.png")
         if fr:

@@ -106,13 +106,14 @@ class Evaluator:
 
         if config.run is None and config.adapter is None and _is_run_dir(config.model):
             config = replace(config, run=config.model)  # a training run given as the model
+        _check_numbers(config)
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.generator = generator
         self.progress = progress or (lambda desc, total: (lambda k: None))
         self.log = log
-        self.out = RunDir(config.out)
+        self.out = RunDir(config.out, "output directory (--out)")
         self._judges: dict[str, Any] = {}
 
     # ------------------------------------------------------------ model plumbing
@@ -176,11 +177,17 @@ class Evaluator:
 
     # ------------------------------------------------------------ suites
     def run(self) -> dict[str, Any]:
+        # Everything a user can get wrong is checked before the first item is generated:
+        # suite files, judge names, then every suite's data.
         suites = [load_suite(s) for s in self.config.suites]
+        for suite in suites:
+            if suite.generates:
+                self._check_judge(suite)
+        records = {suite.name: self._records(suite) for suite in suites}
         results = {}
         manifest_suites = {}
         for suite in suites:
-            res = self.run_suite(suite)
+            res = self.run_suite(suite, records[suite.name])
             results[suite.name] = res
             manifest_suites[suite.name] = {k: res[k] for k in ("dataset", "split", "judge", "n_items", "data_hash")}
         self.out.write_config(asdict(self.config))
@@ -205,10 +212,22 @@ class Evaluator:
         merged["seed"] = self.config.seed
         return merged
 
-    def run_suite(self, suite: Suite) -> dict[str, Any]:
+    def _check_judge(self, suite: Suite) -> None:
+        from tactful.eval.judges import check_judge_name
+
+        name = self.config.judge or suite.judge
+        if not name:
+            raise UserError(f"suite {suite.name} names no judge; give one with --judge", where=suite.source)
+        check_judge_name(name)
+
+    def _records(self, suite: Suite) -> list:
         records = load_suite_records(suite, limit=self.config.limit)
         if not records:
             raise UserError(f"suite {suite.name}: dataset {suite.dataset} gave no records")
+        return records
+
+    def run_suite(self, suite: Suite, records: list | None = None) -> dict[str, Any]:
+        records = records if records is not None else self._records(suite)
         sdir = self.out.path / suite.name
         sdir.mkdir(parents=True, exist_ok=True)
         data_hash = data_fingerprint([r.to_dict() for r in records])
@@ -227,7 +246,7 @@ class Evaluator:
         gen = GenerationConfig(seed=self.config.seed, batch_size=self.config.batch_size)
         for k, v in suite.generation.items():
             setattr(gen, k, v)
-        if self.config.max_new_tokens:
+        if self.config.max_new_tokens is not None:
             gen.max_new_tokens = self.config.max_new_tokens
         return asdict(gen)
 
@@ -387,6 +406,14 @@ def judge_accuracy(name: str, judge: Any = None) -> dict[str, Any]:
     from tactful.eval.judges.validation import measured_accuracy
 
     return measured_accuracy(name)
+
+
+def _check_numbers(config: EvalConfig) -> None:
+    """Counts of 0 (or less) are errors, never a quiet "no limit" or "the suite's default"."""
+    for flag, value in (("--limit", config.limit), ("--max-new-tokens", config.max_new_tokens),
+                        ("--batch-size", config.batch_size)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise UserError(f"{flag} must be at least 1, got {value}")
 
 
 def _counts(labels: Any) -> dict[str, int]:

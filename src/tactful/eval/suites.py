@@ -18,6 +18,7 @@ Built-in suites live in tactful/eval/suites/*.yaml; any path to a YAML file work
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from tactful.errors import UserError
+from tactful.io import read_text_file
 
 EXPECTED = ("refuse", "comply", "multiple-choice", "informative", "policy")
 METRICS = {
@@ -91,7 +93,7 @@ def load_suite(name_or_path: str) -> Suite:
     if not path.is_file():
         raise UserError(f"suite file {name_or_path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text_file(path, "suite file"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -123,6 +125,8 @@ def suite_from_dict(raw: Any, *, source: str = "<suite>") -> Suite:
             raise UserError(f"unknown generation option {key!r}; allowed: {', '.join(_GEN_FIELDS)}", where=source)
         if not isinstance(value, _GEN_FIELDS[key]):
             raise UserError(f"generation option {key!r} has the wrong type", where=source)
+        if isinstance(value, float) and not math.isfinite(value):  # YAML .nan / .inf
+            raise UserError(f"generation option {key!r} must be a finite number, got {value}", where=source)
     if raw.get("n") is not None and raw["n"] <= 0:
         raise UserError("field 'n' must be positive", where=source)
     if expected == "policy" and not raw.get("policy"):

@@ -37,15 +37,15 @@ class LoraSettings:
 class TrainingSettings:
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    max_steps: int = field(default=-1, metadata={"min": 1, "except": {-1: "unset: train num_train_epochs"}})
+    per_device_train_batch_size: int = field(default=8, metadata={"min": 1})
+    gradient_accumulation_steps: int = field(default=1, metadata={"min": 1})
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     lr_scheduler_type: str = "cosine"
-    max_length: int = 384
-    logging_steps: int = 10
-    save_steps: int = 50
+    max_length: int = field(default=384, metadata={"min": 1})
+    logging_steps: int = field(default=10, metadata={"min": 1})
+    save_steps: int = field(default=50, metadata={"min": 1})
     save_total_limit: int = 2
     report_to: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
@@ -157,6 +157,40 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, *, se
         **({"save_safetensors": True} if "save_safetensors" in params else {}),
         **extra,
     )
+
+
+def log_at_checkpoints() -> Any:
+    """A Trainer callback that logs the running loss at every checkpoint and at the last step.
+
+    The log history a checkpoint carries then covers every step before it, so `run_train_loss`
+    can average over a whole run even when it was resumed (otherwise the steps between the
+    last logging step and the checkpoint are lost with the interrupted process).
+    """
+    from transformers import TrainerCallback
+
+    class LogAtCheckpoints(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    return LogAtCheckpoints()
+
+
+def run_train_loss(trainer: Any, fallback: float) -> float:
+    """Mean training loss over every step of the run, steps before a resume included.
+
+    `TrainOutput.training_loss` averages only the steps of the last `train()` call; the log
+    history (restored from the checkpoint on resume) has the loss of every logging window.
+    `fallback` when the history has no loss (nothing logged).
+    """
+    total, covered, last = 0.0, 0, 0
+    for entry in trainer.state.log_history:
+        if "loss" in entry and "step" in entry and entry["step"] > last:
+            total += entry["loss"] * (entry["step"] - last)  # a window's loss is its mean per step
+            covered += entry["step"] - last
+            last = entry["step"]
+    return total / covered if covered else fallback
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:

@@ -46,7 +46,9 @@ from tactful.methods.common import (
     last_checkpoint,
     load_start_model,
     load_started_run,
+    log_at_checkpoints,
     prepare_trainable,
+    run_train_loss,
     save_start,
     save_trained,
     set_seed,
@@ -548,7 +550,8 @@ def train_preference(
 
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator, loss=spec,
                             drdpo_beta_prime=config.loss.beta_prime if config.loss.drdpo else None,
-                            ref_model=ref_model, callbacks=callbacks, **setup.trainer_kwargs)
+                            ref_model=ref_model, callbacks=[log_at_checkpoints(), *(callbacks or [])],
+                            **setup.trainer_kwargs)
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
         log(f"resuming from {resume}")
@@ -574,7 +577,7 @@ def train_preference(
                "reference": config.reference, "precompute_ref_logps": config.precompute_ref_logps,
                "ref_logps_cache": ({"file": config.ref_logps_cache, "pairs_from_cache": ref_cache.hits}
                                    if ref_cache is not None else None),
-               "train_loss": result.training_loss, "steps": trainer.state.global_step,
+               "train_loss": run_train_loss(trainer, result.training_loss), "steps": trainer.state.global_step,
                **setup.manifest, "status": "complete"},
     )
     return model, run

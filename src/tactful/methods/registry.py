@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from tactful.config import apply_overrides, from_dict, read_yaml
 from tactful.errors import UserError
+from tactful.io import ensure_dir
 
 METHODS = {
     "sft": "tactful.methods.sft",
@@ -57,6 +58,9 @@ def train_recipe(path: str, overrides: list[str] | None = None, *, log: Callable
     if not is_main_process():
         log = _quiet  # the main process reports; N copies of every line would only be noise
     method, config = load_recipe(path, overrides)
+    if getattr(config, "output_dir", None):
+        # before the method loads a model and data: a bad output_dir should cost seconds, not minutes
+        ensure_dir(config.output_dir, "output_dir")
     return method_module(method).run(config, log=log)
 
 

@@ -25,7 +25,9 @@ from tactful.methods.common import (
     TrainingSettings,
     is_peft,
     last_checkpoint,
+    log_at_checkpoints,
     prepare_trainable,
+    run_train_loss,
     save_trained,
     set_seed,
     training_arguments,
@@ -127,7 +129,7 @@ def train_sft(
     ckpt_dir = run.path / "checkpoints" / adapter_subdir
     args = training_arguments(config.training, ckpt_dir, seed=config.seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id),
-                      callbacks=callbacks)
+                      callbacks=[log_at_checkpoints(), *(callbacks or [])])
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
         log(f"resuming from {resume}")
@@ -142,7 +144,7 @@ def train_sft(
         data={"sft_mix": [e.to_dict() for e in examples]},
         extra={"adapter": adapter_subdir if is_peft(model) else None,
                "model_dir": None if is_peft(model) else adapter_subdir,
-               "counts": counts, "train_loss": result.training_loss, "steps": trainer.state.global_step,
+               "counts": counts, "train_loss": run_train_loss(trainer, result.training_loss), "steps": trainer.state.global_step,
                "status": "complete"},
     )
     return model, run

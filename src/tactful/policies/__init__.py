@@ -46,6 +46,7 @@ from typing import Any, Mapping
 import yaml
 
 from tactful.errors import UserError
+from tactful.io import read_text_file
 
 TIERS = ("forbidden", "restricted", "allowed")
 OVER_REFUSAL = ("violates", "complies")
@@ -185,7 +186,7 @@ def load_policy(path_or_name: str | Path | Policy) -> Policy:
                             f"{', '.join(list_policies())})" + (f"; did you mean {close[0]!r}?" if close else ""))
     where = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text_file(path, "policy file"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise UserError(f"malformed YAML ({getattr(e, 'problem', e)})",

@@ -12,7 +12,12 @@ Registered names (`list_judges()`):
 - llm-refusal, llm-strongreject, llm-informativeness, llm-policy: published rubrics sent to
   an OpenAI-compatible endpoint; options base_url, model, api_key_env (llm.py, rubrics.py)
 - guard-classifier, guard-generative: local guard models; option model (guard.py)
+- informativeness-proxy: offline proxy of the informativeness rubric (informativeness.py)
+- policy-rules, policy-minilm: TRACE's policy judges (tactful/methods/trace/judges.py)
 Shorthands: `llm:<model>:<rubric>` and `guard:<model>`.
+
+Judges of modules that import this package (guard.py, TRACE's) are registered by import
+path, so nothing here imports them back.
 
 Heavy dependencies (torch, transformers) are imported only when a judge is created.
 """
@@ -31,6 +36,7 @@ from tactful.eval.judges.base import (
     JudgeItem,
     Verdict,
     as_items,
+    check_judge_name,
     error_verdict,
     evaluate_judges,
     format_judge_report,
@@ -39,6 +45,7 @@ from tactful.eval.judges.base import (
     list_judges,
     refusal_verdict,
     register_judge,
+    register_judge_prefix,
     wilson_interval,
 )
 
@@ -80,15 +87,6 @@ def _llm(rubric: str):
     return make
 
 
-def _guard(kind: str):
-    def make(**options: Any) -> Judge:
-        from tactful.eval.judges import guard
-
-        return guard.guard_classifier(**options) if kind == "classifier" else guard.guard_generative(**options)
-
-    return make
-
-
 register_judge("string-xstest", _string_xstest, "refusal if the lower-cased reply starts with an XSTest prefix")
 register_judge("string-gcg", _string_gcg, "refusal if a GCG/AdvBench phrase appears anywhere (case-sensitive)")
 register_judge("outcome-minilm", _outcome,
@@ -100,13 +98,17 @@ register_judge("llm-refusal", _llm("refusal"), "XSTest 3-class rubric via an Ope
 register_judge("llm-strongreject", _llm("strongreject"), "StrongREJECT rubric (score 0-1) via an endpoint")
 register_judge("llm-informativeness", _llm("informativeness"), "1-10 informativeness of safe answers via an endpoint")
 register_judge("llm-policy", _llm("policy"), "Yes/No violation of item.meta['policy'] via an endpoint")
-register_judge("guard-classifier", _guard("classifier"), "local sequence-classifier guard (option model)")
-register_judge("guard-generative", _guard("generative"), "local Llama-Guard-style generative guard (option model)")
+# By import path (see base.py): guard.py imports base, so base must not import it.
+register_judge("guard-classifier", "tactful.eval.judges.guard:guard_classifier",
+               "local sequence-classifier guard (option model)")
+register_judge("guard-generative", "tactful.eval.judges.guard:guard_generative",
+               "local Llama-Guard-style generative guard (option model)")
+register_judge_prefix("guard:", "tactful.eval.judges.guard:guard_judge")
 
 __all__ = [
-    "ERROR", "REFUSAL_LABELS", "REFUSED_LABELS", "Judge", "JudgeItem", "Verdict", "as_items", "error_verdict",
-    "evaluate_judges", "format_judge_report", "get_judge", "judge_help", "list_judges", "refusal_verdict",
-    "register_judge", "wilson_interval",
+    "ERROR", "REFUSAL_LABELS", "REFUSED_LABELS", "Judge", "JudgeItem", "Verdict", "as_items", "check_judge_name",
+    "error_verdict", "evaluate_judges", "format_judge_report", "get_judge", "judge_help", "list_judges",
+    "refusal_verdict", "register_judge", "register_judge_prefix", "wilson_interval",
 ]
 
 
@@ -116,23 +118,13 @@ def _informativeness_proxy(**options: Any) -> Judge:
     return make(**options)
 
 
-def _policy_rules(**options: Any) -> Judge:
-    # Lazy: TRACE's judges import torch-heavy modules.
-    from tactful.methods.trace.judges import PolicyRulesJudge
-
-    return PolicyRulesJudge(options.pop("policy", "new-contextual"), **options)
-
-
-def _policy_minilm(**options: Any) -> Judge:
-    from tactful.methods.trace.judges import PolicyClassifierJudge
-
-    if "head" not in options:
-        raise UserError("policy-minilm needs option head=PATH (a head fitted for the policy)")
-    return PolicyClassifierJudge(options.pop("head"), **options)
-
-
 register_judge("informativeness-proxy", _informativeness_proxy,
                "offline proxy of the 1-10 informativeness rubric: on-topic substance of safe answers (MiniLM)")
-register_judge("policy-rules", _policy_rules,
-               "transparent offline policy judge: category rule + refusal + allowed-context detection (option policy)")
-register_judge("policy-minilm", _policy_minilm, "MiniLM + a head fitted for one policy (options head, policy)")
+# TRACE's policy judges live with the method (methods/trace/judges.py), a layer above this
+# package; naming them by import path keeps `get_judge("policy-rules")` working without this
+# package importing the method (which imports this package).
+register_judge("policy-rules", "tactful.methods.trace.judges:policy_rules_judge",
+               "transparent offline policy judge: category rule + refusal + allowed-context detection "
+               "(options policy, refusal)")
+register_judge("policy-minilm", "tactful.methods.trace.judges:policy_minilm_judge",
+               "MiniLM + a head fitted for one policy (options head, policy)")

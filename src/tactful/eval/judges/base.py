@@ -101,13 +101,34 @@ def as_items(items: Iterable[Any]) -> list[JudgeItem]:
 
 
 # ---------------------------------------------------------------- registry
+#
+# A factory is a callable or the import path "package.module:function" of one. Import paths
+# let a higher layer (a method's judges, the guard models) be named here without this module
+# importing it: the module is imported only when its judge is created, so no import circle.
 
-_REGISTRY: dict[str, tuple[Callable[..., Judge], str]] = {}
+Factory = Callable[..., Judge] | str
+_REGISTRY: dict[str, tuple[Factory, str]] = {}
+# Shorthand prefixes such as "guard:": prefix -> factory(rest_of_name, **options)
+_PREFIXES: dict[str, Factory] = {}
 
 
-def register_judge(name: str, factory: Callable[..., Judge], help: str = "") -> None:
-    """Register a factory `factory(**options) -> Judge` under `name`."""
+def register_judge(name: str, factory: Factory, help: str = "") -> None:
+    """Register `factory(**options) -> Judge` (or its "module:function" path) under `name`."""
     _REGISTRY[name] = (factory, help)
+
+
+def register_judge_prefix(prefix: str, factory: Factory) -> None:
+    """Accept names `<prefix><spec>`: the judge is `factory(spec, **options)`."""
+    _PREFIXES[prefix] = factory
+
+
+def resolve_factory(factory: Factory) -> Callable[..., Judge]:
+    if callable(factory):
+        return factory
+    import importlib
+
+    module, _, attr = factory.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def list_judges() -> list[str]:
@@ -118,28 +139,38 @@ def judge_help() -> dict[str, str]:
     return {name: _REGISTRY[name][1] for name in list_judges()}
 
 
-def get_judge(name: str, **options: Any) -> Judge:
-    """A judge by registry name, with its options.
-
-    Besides the registered names, two shorthands are accepted:
-    `llm:<model>:<rubric>` (e.g. `llm:gpt-4o:refusal`, options base_url / api_key_env) and
-    `guard:<model dir or hub id>` (a sequence classifier or a Llama-Guard-style generator).
-    """
+def _lookup(name: str) -> tuple[Factory, dict[str, Any]] | None:
+    """The factory for `name` and the options its shorthand implies, or None if unknown."""
     if name in _REGISTRY:
-        return _make(name, _REGISTRY[name][0], options)
+        return _REGISTRY[name][0], {}
     if name.startswith("llm:"):
         parts = name.split(":")
         if len(parts) >= 3 and f"llm-{parts[-1]}" in _REGISTRY:
-            model = ":".join(parts[1:-1])
-            return _make(name, _REGISTRY[f"llm-{parts[-1]}"][0], {**options, "model": model})
-    if name.startswith("guard:") and len(name) > len("guard:"):
-        from tactful.eval.judges.guard import guard_judge
+            return _REGISTRY[f"llm-{parts[-1]}"][0], {"model": ":".join(parts[1:-1])}
+    for prefix, factory in _PREFIXES.items():
+        if name.startswith(prefix) and len(name) > len(prefix):
+            spec = name[len(prefix):]
+            return (lambda **o: resolve_factory(factory)(spec, **o)), {}
+    return None
 
-        return _make(name, lambda **o: guard_judge(name[len("guard:"):], **o), options)
-    raise UserError(
-        f"unknown judge {name!r}; known judges: {', '.join(list_judges())} "
-        "(also llm:<model>:<rubric> and guard:<model>)"
-    )
+
+def check_judge_name(name: str) -> None:
+    """A UserError if no judge answers to `name`; creates nothing (so it is cheap to call early)."""
+    if _lookup(name) is None:
+        shorthands = " and ".join(["llm:<model>:<rubric>", *(f"{p}<model>" for p in _PREFIXES)])
+        raise UserError(f"unknown judge {name!r}; known judges: {', '.join(list_judges())} (also {shorthands})")
+
+
+def get_judge(name: str, **options: Any) -> Judge:
+    """A judge by registry name, with its options.
+
+    Besides the registered names, shorthands are accepted: `llm:<model>:<rubric>` (e.g.
+    `llm:gpt-4o:refusal`, options base_url / api_key_env) and the registered prefixes, such
+    as `guard:<model dir or hub id>` (a sequence classifier or a Llama-Guard-style generator).
+    """
+    check_judge_name(name)
+    factory, implied = _lookup(name)  # type: ignore[misc]
+    return _make(name, resolve_factory(factory), {**options, **implied})
 
 
 def _make(name: str, factory: Callable[..., Judge], options: dict[str, Any]) -> Judge:
@@ -221,5 +252,6 @@ def format_judge_report(report: dict[str, dict[str, Any]]) -> str:
 __all__ = [
     "ERROR", "FULL_COMPLIANCE", "FULL_REFUSAL", "PARTIAL_REFUSAL", "REFUSAL_LABELS", "REFUSED_LABELS", "TASKS",
     "Judge", "JudgeItem", "Verdict", "as_items", "error_verdict", "evaluate_judges", "format_judge_report",
-    "get_judge", "judge_help", "list_judges", "refusal_verdict", "register_judge", "wilson_interval",
+    "check_judge_name", "get_judge", "judge_help", "list_judges", "refusal_verdict", "register_judge",
+    "register_judge_prefix", "resolve_factory", "wilson_interval",
 ]

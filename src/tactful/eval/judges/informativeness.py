@@ -37,7 +37,7 @@ class InformativenessProxyJudge:
     task = "informativeness"
 
     def __init__(self, refusal: str = "embedding-minilm"):
-        from tactful.eval.judges import get_judge
+        from tactful.eval.judges.base import get_judge
 
         self.refusal = get_judge(refusal)
         self.name = f"informativeness-proxy({self.refusal.name})"

@@ -35,7 +35,9 @@ from tactful.methods.common import (
     TrainingSettings,
     is_peft,
     last_checkpoint,
+    log_at_checkpoints,
     prepare_trainable,
+    run_train_loss,
     save_trained,
     set_seed,
     training_arguments,
@@ -467,7 +469,7 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
     ckpt_dir = run.path / "checkpoints"
     args = training_arguments(config.training, ckpt_dir, seed=config.seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tok.pad_token_id),
-                      callbacks=[guard_callback(guard)] if guard is not None else None)
+                      callbacks=[log_at_checkpoints(), *([guard_callback(guard)] if guard is not None else [])])
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
         log(f"resuming from {resume}")
@@ -504,7 +506,7 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
         extra={"adapter": "adapter" if lora else None, "model_dir": None if lora else "model",
                "start_from": start.start_from, "start_kind": start.start_kind,
                "start_adapter": "start_adapter" if start.start_adapter else None,
-               "train_loss": result.training_loss, "steps": trainer.state.global_step, "n_examples": len(examples),
+               "train_loss": run_train_loss(trainer, result.training_loss), "steps": trainer.state.global_step, "n_examples": len(examples),
                "status": "complete", **extra},
     )
     return model, run

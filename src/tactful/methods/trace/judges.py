@@ -17,8 +17,8 @@ Three kinds, all implementing the `tactful.eval.judges.Judge` protocol with task
                                       detection, with a rationale that says which rule fired.
 
 `make_policy_judge(name, policy, **options)` builds any of them for a policy; its `name` goes
-into every artifact. `register_policy_judges()` adds policy-rules and policy-minilm to the
-global judge registry (`get_judge("policy-rules", policy="new-contextual")`).
+into every artifact. The global judge registry names `policy_rules_judge` and
+`policy_minilm_judge` by import path (`get_judge("policy-rules", policy="new-contextual")`).
 
 How `policy-rules` decides (`decide`), for the rule of the item's category:
 
@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 from tactful.data.records import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL
 from tactful.errors import UserError
-from tactful.eval.judges.base import Judge, JudgeItem, Verdict, as_items, error_verdict
+from tactful.eval.judges.base import Judge, JudgeItem, Verdict, as_items, error_verdict, get_judge
 from tactful.policies import Policy, Rule, load_policy
 
 VIOLATES = "violates"
@@ -220,8 +220,6 @@ class PolicyRulesJudge:
 
     def __init__(self, policy: str | Path | Policy, *, refusal: str | Judge = "embedding-minilm",
                  refusal_options: dict[str, Any] | None = None):
-        from tactful.eval.judges import get_judge
-
         self.policy = load_policy(policy)
         self.refusal = get_judge(refusal, **(refusal_options or {})) if isinstance(refusal, str) else refusal
         if getattr(self.refusal, "task", None) != "refusal":
@@ -422,8 +420,6 @@ POLICY_JUDGES = ("policy-rules", "policy-minilm", "llm-policy", "llm:<model>:pol
 def make_policy_judge(name: str, policy: str | Path | Policy, **options: Any) -> Judge:
     """A policy judge by name for `policy`: policy-rules, policy-minilm (option head), or any
     registered judge with task "policy" (llm-policy with base_url/model, llm:<model>:policy)."""
-    from tactful.eval.judges import get_judge
-
     pol = load_policy(policy)
     if name == "policy-rules":
         return PolicyRulesJudge(pol, **options)
@@ -434,21 +430,18 @@ def make_policy_judge(name: str, policy: str | Path | Policy, **options: Any) ->
     return PolicyTextJudge(get_judge(name, **options), pol)
 
 
-def register_policy_judges() -> None:
-    """Add policy-rules and policy-minilm to the global judge registry (both take option `policy`)."""
-    from tactful.eval.judges import register_judge
+def policy_rules_judge(**options: Any) -> Judge:
+    """Registry factory of `policy-rules` (option policy, default new-contextual; option refusal)."""
+    return PolicyRulesJudge(options.pop("policy", "new-contextual"), **options)
 
-    def rules(policy: str = "new-contextual", **options: Any) -> Judge:
-        return PolicyRulesJudge(policy, **options)
 
-    def classifier(head: str, policy: str | None = None, **options: Any) -> Judge:
-        return PolicyClassifierJudge(head, policy=policy, **options)
-
-    register_judge("policy-rules", rules, "offline rule-based policy judge: policy rule per category + refusal and "
-                                          "context detection; options policy, refusal")
-    register_judge("policy-minilm", classifier, "MiniLM + fitted head policy classifier; options head, policy")
+def policy_minilm_judge(**options: Any) -> Judge:
+    """Registry factory of `policy-minilm` (option head, required; option policy)."""
+    if "head" not in options:
+        raise UserError("policy-minilm needs option head=PATH (a head fitted for the policy)")
+    return PolicyClassifierJudge(options.pop("head"), **options)
 
 
 __all__ = ["CONTEXT_PATTERNS", "COMPLIES", "POLICY_JUDGES", "POLICY_LABELS", "SAFETY_RESOURCE_PATTERN", "VIOLATES",
            "Decision", "PolicyClassifierJudge", "PolicyRulesJudge", "PolicyTextJudge", "decide", "detect_contexts",
-           "fit_policy_classifier", "make_policy_judge", "register_policy_judges", "safety_resource"]
+           "fit_policy_classifier", "make_policy_judge", "policy_minilm_judge", "policy_rules_judge", "safety_resource"]
