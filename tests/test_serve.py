@@ -543,3 +543,15 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_non_finite_temperature_is_named_as_such():
+    from tactful.eval.generation import GenerationConfig
+    from tactful.errors import UserError
+    from tactful.serve.validation import RequestError, parse_chat_request
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": float("nan")}
+    with pytest.raises(RequestError, match="'temperature' must be a finite number, got nan"):
+        parse_chat_request(body, max_new_tokens=8)
+    with pytest.raises(UserError, match="finite"):
+        GenerationConfig(do_sample=True, temperature=float("nan"))

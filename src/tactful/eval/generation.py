@@ -20,6 +20,7 @@ one-prompt-at-a-time `model.generate` loop (about 8x faster on 2 CPU cores).
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -56,9 +57,9 @@ class GenerationConfig:
             raise UserError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property

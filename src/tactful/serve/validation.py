@@ -92,8 +92,10 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     if value is None:
         return default
     # bool is an int in Python but never a number in JSON
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{key}' must be a number, got {_type_name(value)}", param=key)
+    if not math.isfinite(value):
+        raise RequestError(f"'{key}' must be a finite number, got {value!r}", param=key)
     if value < lo or value > hi or (lo_open and value == lo):
         interval = f"({lo:g}, {hi:g}]" if lo_open else f"[{lo:g}, {hi:g}]"
         raise RequestError(f"'{key}' must be in {interval}, got {value!r}", param=key)
