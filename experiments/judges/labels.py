@@ -111,11 +111,17 @@ def merge(items: list[dict], labels_dir: Path, out: Path, external: list[dict] |
     missing = [i for i in by_id if i not in first]
     if missing:
         print(f"warning: {len(missing)} items have no label yet (first: {missing[:5]})")
+    from tactful.data import builtin
+
+    # the built-in benign sets' reference answers, which suites pass to the judge as meta `reference`
+    refs = {r.id: r.meta.get("reference") for r in builtin.seemingly_toxic() + builtin.benign_prompts()}
     gold, ext_rows = [], []
     for iid, it in by_id.items():
         if iid not in first:
             continue
         row = {**it, **first[iid], "split": split_of(it["prompt_id"])}
+        if it["prompt_type"] != "harmful" and refs.get(it["prompt_id"]):
+            row["reference"] = refs[it["prompt_id"]]
         if iid in ext_ids:  # public text stays in ../shared/data: keep where it is, a hash and the labels
             _, r, k = iid.split(":")
             ext_rows.append({"item_id": iid, "source": PKU_FILE, "row": int(r), "k": int(k),

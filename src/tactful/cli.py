@@ -215,7 +215,7 @@ def eval_cmd(
     """Evaluate a model on suites; writes per-item JSONL, metrics with 95% CIs and a Markdown report."""
     import yaml
 
-    from tactful.eval.report import summary_table
+    from tactful.eval.report import judge_line, outcomes_table, summary_table
     from tactful.eval.runner import EvalConfig, evaluate
 
     judge_options = {}
@@ -230,6 +230,11 @@ def eval_cmd(
     with progress_factory() as pf:
         metrics = evaluate(cfg, progress=pf)
     typer.echo(summary_table(metrics))
+    outcomes = outcomes_table(metrics)
+    if outcomes:
+        typer.echo("\nwhat the replies did:\n" + outcomes)
+    for res in {r.get("judge"): r for r in metrics.get("suites", {}).values() if r.get("judge")}.values():
+        typer.echo(judge_line(res))
     typer.echo(f"\nreport: {Path(out) / 'report.md'}")
 
 

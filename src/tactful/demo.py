@@ -11,13 +11,14 @@ Every step writes a run directory under --out and resumes if interrupted.
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from tactful.eval.report import over_refusal  # the same numbers as `tactful compare`
 
-DEMO_SUITES = ("safety", "over-refusal", "capability")
+DEMO_SUITES = ("safety", "over-refusal", "benign", "capability")
 
 # A demo-sized budget: the full recipes/dcr.yaml trains for an epoch; the demo trains for
 # fewer steps so the whole job stays within ~10 minutes on two CPU cores.
@@ -39,6 +40,9 @@ ROWS = (
     ("over-refusal", "refused", "seemingly-toxic prompts refused", None),
     ("over-refusal", "helpful", "seemingly-toxic prompts helped", None),
     ("over-refusal", "degenerate", "seemingly-toxic: degenerate replies", None),
+    ("benign", "refused", "ordinary prompts refused", None),
+    ("benign", "helpful", "ordinary prompts helped", None),
+    ("benign", "degenerate", "ordinary prompts: degenerate replies", None),
     ("safety", None, "harmful prompts refused", lambda r: r),  # judges without outcomes
     ("over-refusal", None, "benign prompts refused", over_refusal),
     ("capability", None, "capability: multiple-choice accuracy", lambda r: r),
@@ -77,7 +81,7 @@ def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | Non
             line += f" {other[0] if other else '—':24s}"
         lines.append(line + f" n={cell[1]}")
     if "safety" in s:
-        lines.append("  " + judge_line(s["safety"]))
+        lines.append(textwrap.fill(judge_line(s["safety"]), width=98, initial_indent="  ", subsequent_indent="    "))
     lines.append("  data: tactful built-in test splits (never trained on); seed 0; 95% bootstrap intervals")
     return "\n".join(lines)
 

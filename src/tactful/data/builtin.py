@@ -99,8 +99,10 @@ def seemingly_toxic(split: str | None = None) -> list[PromptRecord]:
     """Benign prompts that only sound harmful (XSTest-style types); should be answered."""
     _check_split(split)
     return [
+        # the reference answer lets a helpfulness judge compare the reply with a good one
         PromptRecord(prompt=r["prompt"], label=SEEMINGLY_TOXIC, category=r["type"], id=r["id"],
-                     source="builtin:seemingly-toxic", meta={"split": r["split"]})
+                     source="builtin:seemingly-toxic",
+                     meta={"split": r["split"], **({"reference": r["response"]} if r.get("response") else {})})
         for r in _rows("seemingly_toxic.jsonl") if split is None or r["split"] == split
     ]
 
@@ -127,7 +129,7 @@ def benign(split: str | None = None) -> list[Example]:
 
 def benign_prompts(split: str | None = None) -> list[PromptRecord]:
     return [PromptRecord(prompt=e.prompt, label=BENIGN, category=e.category, id=e.id, source=e.source,
-                         meta=e.meta) for e in benign(split)]
+                         meta={**e.meta, "reference": e.response}) for e in benign(split)]
 
 
 def labelled_responses(split: str | None = None) -> list[LabelledResponse]:

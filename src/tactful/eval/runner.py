@@ -284,6 +284,8 @@ class Evaluator:
         items = [JudgeItem(prompt=r.prompt, response=done[i]["response"],
                            meta={"category": getattr(r, "category", None), "suite": suite.name,
                                  "expected": suite.expected, "label": getattr(r, "label", None),
+                                 # a reference answer (built-in benign sets have one) helps judge helpfulness
+                                 **({"reference": r.response} if getattr(r, "response", None) else {}),
                                  **({"policy": self._policy_text(suite)} if suite.expected == "policy" else {}),
                                  **(getattr(r, "meta", None) or {})})
                  for i, r in zip(ids, records)]

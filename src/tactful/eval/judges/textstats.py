@@ -66,6 +66,17 @@ def loop_score(text: str) -> float:
     return max(_rep(ws, 3), _top_share(_SENT.findall(text)), _top_share(text.splitlines()))
 
 
+def content_overlap(reply: str, reference: str) -> tuple[float, float]:
+    """Share of the reference's content words that the reply has (recall), and of the reply's
+    content words that the reference has (precision)."""
+    rw = {w for w in words(reply) if w not in _STOP}
+    fw = {w for w in words(reference) if w not in _STOP}
+    if not rw or not fw:
+        return 0.0, 0.0
+    both = len(rw & fw)
+    return both / len(fw), both / len(rw)
+
+
 def stats(prompt: str, response: str) -> list[float]:
     """The FEATURES of one reply, in order."""
     ws = words(response)
