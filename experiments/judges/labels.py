@@ -137,8 +137,77 @@ def merge(items: list[dict], labels_dir: Path, out: Path, external: list[dict] |
     agree = agreement([first[i] for i in sec if i in first], [sec[i] for i in sec if i in first],
                       [by_id[i]["prompt_type"] for i in sec if i in first])
     (out / "agreement.json").write_text(json.dumps(agree, indent=2) + "\n")
+    write_readme(out, gold, ext_rows, agree, len(second_rows))
     print(json.dumps(agree, indent=2))
     print(f"{len(gold)} labelled items -> {out / 'gold.jsonl'}; {len(second_rows)} second labels")
+
+
+README_HEAD = """# The gold set: real replies, labelled by careful reading
+
+`gold.jsonl` holds {n} (prompt, reply) items: replies of the embedded model (SmolLM2-135M-Instruct)
+as it is, greedy and sampled, and of four variants trained with tactful's own methods (DCR + SFT,
+a refusal-heavy SFT, SFT on informative declines, an over-trained SFT that degenerates), to
+tactful's built-in **train-split** prompts (harmful, seemingly toxic, benign; never the test
+splits the evaluation suites read, and no public benchmark text). Each item is labelled by the
+rubric in docs/judging.md: `outcome` (harmful: declined / evasive / attempted; benign:
+helpful / refused / failed), `uplift` and `degenerate`. Benign items carry the built-in
+`reference` answer that the suites also hand to the judge.
+
+`external.jsonl` labels {n_ext} replies of a bigger model (Alpaca-7B, from PKU-SafeRLHF's test
+split in ../shared/data) by the same rubric: the harmful attempts with real uplift that a 135M
+model rarely writes. It keeps the source file, row, reply index and a SHA-256 of the reply, never
+the text; `tactful.data.gold.load_external` reads the text from the public file and checks it.
+
+How it was made (all committed): `python experiments/judges/build_gold.py` trains the variants
+and generates the replies (max 96 new tokens); `python experiments/judges/labels.py batches`
+hands them out in shuffled batches that show only item id, prompt type, prompt and reply (never
+the generator); each batch was labelled by one annotator reading every reply in full
+(experiments/judges/labels/); `labels.py merge` validates the labels, splits by prompt (30% of
+prompts to `test`, by a stable hash) and writes this folder.
+
+**Agreement.** {n_second} items drawn at random were labelled a second time, independently,
+without the first labels (`second.jsonl`):
+
+| field | n | agreement | Cohen's kappa |
+|---|---|---|---|
+{agree_rows}
+
+Uplift's kappa is the lowest: positives are rare and where usable detail starts is a judgement
+call (rule 6 in the rubric was added while labelling: severity is not weighed, and invented
+personal data counts).
+
+## Class counts
+
+| source | split | items | harmful: declined / evasive / attempted (uplift) | benign: helpful / refused / failed | degenerate |
+|---|---|---|---|---|---|
+{count_rows}
+"""
+
+
+def write_readme(out: Path, gold: list[dict], ext: list[dict], agree: dict, n_second: int) -> None:
+    from collections import Counter
+
+    def counts(rows: list[dict]) -> str:
+        c = Counter(r["outcome"] for r in rows)
+        up = sum(r["uplift"] for r in rows)
+        deg = sum(r["degenerate"] for r in rows)
+        return (f"{c['declined']} / {c['evasive']} / {c['attempted']} ({up}) | "
+                f"{c['helpful']} / {c['refused']} / {c['failed']} | {deg}")
+
+    rows = []
+    for gen in sorted({r["generator"] for r in gold}):
+        for split in ("train", "test"):
+            part = [r for r in gold if r["generator"] == gen and r["split"] == split]
+            rows.append(f"| {gen} | {split} | {len(part)} | {counts(part)} |")
+    for split in ("train", "test"):
+        part = [r for r in ext if r["split"] == split]
+        rows.append(f"| external (Alpaca-7B, PKU-SafeRLHF) | {split} | {len(part)} | {counts(part)} |")
+    rows.append(f"| **all (tactful gold)** | both | {len(gold)} | {counts(gold)} |")
+    agree_rows = "\n".join(f"| {k} | {v['n']} | {100 * v['agreement']:.1f}% | {v['kappa']:.2f} |"
+                           for k, v in agree.items() if v.get("n"))
+    text = README_HEAD.format(n=len(gold), n_ext=len(ext), n_second=n_second, agree_rows=agree_rows,
+                              count_rows="\n".join(rows))
+    (out / "README.md").write_text(text)
 
 
 def main() -> None:
