@@ -27,6 +27,7 @@ import torch
 
 from tactful.data.records import Example, MCItem, PromptRecord
 from tactful.distributed import is_main_process, run_on_main
+from tactful import architectures
 from tactful.errors import UserError
 from tactful.methods.common import (
     EncodedDataset,
@@ -533,11 +534,11 @@ def _alignment_matrices(start: StartModel, lora: LoraSettings, log: Callable[[st
     from tactful.models import load_model
 
     base, _ = load_model(start.base_model)
-    targets = set(lora.target_modules)
+    targets = architectures.lora_target_modules(base, list(lora.target_modules))
     aligned_mods = dict(start.model.named_modules())
     out = {}
     for name, mod in base.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and isinstance(mod, torch.nn.Linear) and name in aligned_mods:
+        if architectures.matches_target(name, targets) and isinstance(mod, torch.nn.Linear) and name in aligned_mods:
             out[name] = aligned_mods[name].weight.detach().float().cpu() - mod.weight.detach().float().cpu()
     del base
     changed = sum(1 for v in out.values() if torch.any(v))
