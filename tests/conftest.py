@@ -39,3 +39,8 @@ def _threads():
     torch.set_num_threads(int(os.environ.get("TACTFUL_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config):
+    # `slow`: the long tail of a matrix (e.g. every method on every architecture); -m "not slow" skips it
+    config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")

@@ -78,8 +78,11 @@ def decoder_layer_list(model: Any) -> tuple[str, torch.nn.ModuleList]:
     return architectures.decoder_layers(model)
 
 
-def attention_sites(model: Any, layers: Sequence[int] | None = None) -> list[AttentionSite]:
-    """The attention output projection (and value projection) of each requested layer.
+def attention_sites(model: Any, layers: Sequence[int] | None = None, *, value: bool = True) -> list[AttentionSite]:
+    """The attention output projection (and, with `value`, the value projection) of each requested layer.
+
+    `value=False` (capture, head scoring) leaves the value projection unresolved, so an
+    architecture configured with only its output projection can still be captured.
 
     Names are relative to the underlying transformers model, so they match with or
     without a PEFT wrapper (where o_proj is then a LoRA layer around the base Linear).
@@ -92,13 +95,14 @@ def attention_sites(model: Any, layers: Sequence[int] | None = None) -> list[Att
         raise UserError(f"layer index {bad[0]} out of range: the model has {n} layers (0..{n - 1})")
     # A fused qkv module (Phi-3, GPT-2) also writes queries and keys, so the value-side guard
     # cannot constrain it alone: no value site there.
-    fused_value = architectures.is_fused(model, "attn_v")
+    fused_value = value and architectures.is_fused(model, "attn_v")
     sites = []
     for i in wanted:
         i = i % n
         attn_name, _ = architectures.layer_module(model, i, "attn")
         out_name, out_mod = architectures.layer_module(model, i, "attn_out")
-        v_name, v_mod = architectures.layer_module(model, i, "attn_v") if not fused_value else (None, None)
+        v_name, v_mod = (architectures.layer_module(model, i, "attn_v") if value and not fused_value
+                         else (None, None))
         sites.append(AttentionSite(layer=i, attn_name=attn_name, out_name=out_name, out_proj=out_mod,
                                    value_name=v_name, value_proj=v_mod))
     return sites
@@ -233,7 +237,7 @@ def stream_activations(
     """
     if positions == "post_instruction" and n_post is None:
         n_post = post_instruction_length(tokenizer)
-    sites = attention_sites(model, layers)
+    sites = attention_sites(model, layers, value=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
