@@ -39,3 +39,18 @@ def _threads():
     torch.set_num_threads(int(os.environ.get("TACTFUL_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(before)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the long tail of a matrix; runs with TACTFUL_SLOW=1 or -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The suite's default run stays within its time budget on 2 cores: `slow` cases (the full
+    # method x architecture product) are skipped unless asked for.
+    if os.environ.get("TACTFUL_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: set TACTFUL_SLOW=1 (or -m slow) to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -639,7 +639,7 @@ def test_recipe_loads():
     method, cfg = load_recipe(str(Path(__file__).parent.parent / "recipes" / "trace.yaml"))
     assert method == "trace" and isinstance(cfg, TraceConfig)
     assert cfg.loss.beta == 0.3 and cfg.trace.alpha_kl == 0.1 and cfg.lora.r == 32
-    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.training.learning_rate == 1e-4
+    assert cfg.lora.target_modules == ["attn_q", "attn_v"] and cfg.training.learning_rate == 1e-4  # roles: q and v
 
 
 def test_train_from_a_triage_file(tmp_path, monkeypatch):

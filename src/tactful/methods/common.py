@@ -15,12 +15,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tactful import architectures
 from tactful.data.records import Example
 from tactful.errors import UserError
 from tactful.io import publish_dir
 from tactful.logprobs import Encoded, collate, encode_example
 
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Roles, resolved per architecture (Phi-3's fused qkv_proj, Llama's q_proj/k_proj/v_proj, ...).
+DEFAULT_TARGETS = list(architectures.DEFAULT_LORA_ROLES)
 
 
 @dataclass
@@ -29,7 +31,9 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS), metadata={"help": (
+        "Roles (attn_q, attn_k, attn_v, attn_out, mlp_gate, mlp_up, mlp_down; resolved per architecture) "
+        "and/or module names.")})
     layers: list[int] | None = field(default=None, metadata={"help": "Only adapt these layer indices."})
 
 
@@ -69,12 +73,13 @@ def apply_lora(model: Any, lora: LoraSettings, *, adapter_name: str = "default")
     """Wrap a model with a fresh trainable LoRA adapter (PEFT)."""
     from peft import LoraConfig, get_peft_model
 
-    found = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in lora.target_modules if t not in found]
+    targets = architectures.lora_target_modules(model, list(lora.target_modules))
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(architectures.matches_target(n, [t]) for n in names)]
     if missing:
         raise UserError(f"LoRA target module(s) {', '.join(missing)} not found in the model; "
                         f"linear modules present: {', '.join(sorted(_linear_names(model)))}")
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                      layers_to_transform=lora.layers, task_type="CAUSAL_LM")
     return get_peft_model(model, cfg, adapter_name=adapter_name)
 

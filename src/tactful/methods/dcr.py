@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tactful import architectures
 from tactful.data.records import PromptRecord
 from tactful.errors import UserError
 from tactful.methods.common import (
@@ -79,14 +80,7 @@ class _Stop(Exception):
 
 
 def decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
-    base = model
-    for attr in ("module", "base_model", "model"):  # module: a DDP / DeepSpeed wrapper
-        while hasattr(base, attr) and not hasattr(base, "layers"):
-            base = getattr(base, attr)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
-    return layers
+    return architectures.decoder_layers(model)[1]
 
 
 def default_layer(num_layers: int) -> int:

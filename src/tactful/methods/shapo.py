@@ -73,6 +73,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from tactful import architectures
 from tactful.data.records import PreferencePair
 from tactful.distributed import is_main_process, require_unsharded, run_on_main, share_from_main
 from tactful.errors import UserError
@@ -135,13 +136,9 @@ class ShaPOConfig(DPOConfig):
 
 
 def down_projections(model: Any) -> list[torch.nn.Module]:
-    """The MLP down-projection of every decoder layer, in layer order (Llama / Qwen / Mistral /
-    Gemma naming; with PEFT, the LoRA-wrapped module)."""
-    found = [(name, m) for name, m in model.named_modules() if name.endswith("mlp.down_proj")]
-    if not found:
-        raise UserError("ShaPO needs MLP down-projections named '*.mlp.down_proj' (Llama/Qwen/Mistral/Gemma-style "
-                        "models); this model has none")
-    return [m for _, m in found]
+    """The MLP down-projection of every decoder layer, in layer order (with PEFT, the
+    LoRA-wrapped module); where it lives comes from the architecture table."""
+    return [m for _, m in architectures.mlp_down_projections(model)]
 
 
 def base_weight(module: torch.nn.Module) -> torch.Tensor:

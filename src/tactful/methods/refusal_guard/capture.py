@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -30,19 +29,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from tactful import architectures
 from tactful.errors import UserError
 
 POSITIONS = ("all", "post_instruction", "last")
-
-# Names of the attention output projection in the common architectures:
-#   o_proj   Llama, Qwen, Mistral, Gemma, Phi-3        out_proj  OPT, BART-style
-#   dense    GPT-NeoX, Phi-1/2, Falcon, BLOOM          c_proj    GPT-2 (inside `attn`)
-OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
-# The module that writes the values read by that projection (fused qkv modules are not
-# separable, so the value-side guard skips them).
-VALUE_PROJ_NAMES = ("v_proj", "value", "v")
-_ATTN = re.compile(r"(^|\.)(self_attn|attn|attention|self_attention|mixer)$")
-
 
 class _StopForward(Exception):
     """Raised after the last hooked layer: nothing above it needs computing."""
@@ -83,81 +73,44 @@ class HeadLayout:
         return head // self.group_size
 
 
-def _unwrap(model: Any) -> Any:
-    """The transformers model under a PEFT wrapper (names are then relative to it)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def decoder_layer_list(model: Any) -> tuple[str, torch.nn.ModuleList]:
-    """(name, ModuleList) of the decoder blocks: the longest ModuleList whose length is the
-    configured number of layers (model.layers, transformer.h, gpt_neox.layers, ...)."""
-    base = _unwrap(model)
-    n = _config_int(base.config, "num_hidden_layers", "n_layer", "num_layers")
-    best: tuple[str, torch.nn.ModuleList] | None = None
-    for name, mod in base.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) == n:
-            if best is None or name.count(".") < best[0].count("."):
-                best = (name, mod)
-    if best is None:
-        raise UserError(f"cannot find the {n} decoder layers of {type(base).__name__}")
-    return best
+    """(name, ModuleList) of the decoder blocks, from the architecture table."""
+    return architectures.decoder_layers(model)
 
 
-def attention_sites(model: Any, layers: Sequence[int] | None = None) -> list[AttentionSite]:
-    """The attention output projection (and value projection) of each requested layer.
+def attention_sites(model: Any, layers: Sequence[int] | None = None, *, value: bool = True) -> list[AttentionSite]:
+    """The attention output projection (and, with `value`, the value projection) of each requested layer.
+
+    `value=False` (capture, head scoring) leaves the value projection unresolved, so an
+    architecture configured with only its output projection can still be captured.
 
     Names are relative to the underlying transformers model, so they match with or
     without a PEFT wrapper (where o_proj is then a LoRA layer around the base Linear).
     """
-    prefix, blocks = decoder_layer_list(model)
+    _, blocks = decoder_layer_list(model)
     n = len(blocks)
     wanted = list(range(n)) if layers is None else list(layers)
     bad = [i for i in wanted if not -n <= i < n]
     if bad:
         raise UserError(f"layer index {bad[0]} out of range: the model has {n} layers (0..{n - 1})")
+    # A fused qkv module (Phi-3, GPT-2) also writes queries and keys, so the value-side guard
+    # cannot constrain it alone: no value site there.
+    fused_value = value and architectures.is_fused(model, "attn_v")
     sites = []
     for i in wanted:
         i = i % n
-        block = blocks[i]
-        found = None
-        for name, mod in block.named_modules():
-            head, _, leaf = name.rpartition(".")
-            if leaf in OUT_PROJ_NAMES and _ATTN.search(head or "") and _is_projection(mod):
-                found = (head, name, mod)
-                break
-        if found is None:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in block.named_modules() if _is_projection(m)})
-            raise UserError(
-                f"cannot find the attention output projection in layer {i} of {type(_unwrap(model)).__name__}: "
-                f"expected a module named {', '.join(OUT_PROJ_NAMES)} inside the attention block; "
-                f"linear modules found: {', '.join(names) or 'none'}")
-        attn_rel, out_rel, out_mod = found
-        attn = block.get_submodule(attn_rel)
-        v_name, v_mod = None, None
-        for cand in VALUE_PROJ_NAMES:
-            sub = getattr(attn, cand, None)
-            if sub is not None and _is_projection(sub):
-                v_name, v_mod = f"{prefix}.{i}.{attn_rel}.{cand}", sub
-                break
-        sites.append(AttentionSite(layer=i, attn_name=f"{prefix}.{i}.{attn_rel}", out_name=f"{prefix}.{i}.{out_rel}",
-                                   out_proj=out_mod, value_name=v_name, value_proj=v_mod))
+        attn_name, _ = architectures.layer_module(model, i, "attn")
+        out_name, out_mod = architectures.layer_module(model, i, "attn_out")
+        v_name, v_mod = (architectures.layer_module(model, i, "attn_v") if value and not fused_value
+                         else (None, None))
+        sites.append(AttentionSite(layer=i, attn_name=attn_name, out_name=out_name, out_proj=out_mod,
+                                   value_name=v_name, value_proj=v_mod))
     return sites
 
 
-def _is_projection(mod: torch.nn.Module) -> bool:
-    # nn.Linear, GPT-2's Conv1D, or a PEFT LoRA layer wrapping either
-    return isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D" or hasattr(mod, "base_layer")
-
-
 def head_layout(model: Any) -> HeadLayout:
-    cfg = _unwrap(model).config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    n_heads = _config_int(cfg, "num_attention_heads", "n_head", "num_heads")
-    n_kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "multi_query_group_num", None) or n_heads
-    hidden = _config_int(cfg, "hidden_size", "n_embd", "d_model")
-    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
-    return HeadLayout(n_heads=int(n_heads), n_kv_heads=int(n_kv), head_dim=int(head_dim))
+    return HeadLayout(n_heads=architectures.num_heads(model), n_kv_heads=architectures.num_kv_heads(model),
+                      head_dim=architectures.head_dim(model))
 
 
 def projection_in_features(mod: torch.nn.Module) -> int:
@@ -165,14 +118,6 @@ def projection_in_features(mod: torch.nn.Module) -> int:
     if isinstance(mod, torch.nn.Linear):
         return mod.in_features
     return mod.weight.shape[0]  # Conv1D stores [in, out]
-
-
-def _config_int(cfg: Any, *names: str) -> int:
-    for name in names:
-        v = getattr(cfg, name, None)
-        if isinstance(v, int):
-            return v
-    raise UserError(f"model config has none of {', '.join(names)}")
 
 
 # ---------------------------------------------------------------- token positions
@@ -292,7 +237,7 @@ def stream_activations(
     """
     if positions == "post_instruction" and n_post is None:
         n_post = post_instruction_length(tokenizer)
-    sites = attention_sites(model, layers)
+    sites = attention_sites(model, layers, value=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

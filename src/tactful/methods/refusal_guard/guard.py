@@ -231,7 +231,7 @@ class SubspaceGuard:
         self.notes: list[str] = []
         self._handles: list[Any] = []
         layout = head_layout(model)
-        for site in attention_sites(model, sorted(subspaces)):
+        for site in attention_sites(model, sorted(subspaces), value="v_proj" in sides):
             sub = subspaces[site.layer]
             if sub.U.shape[1] == 0:
                 continue

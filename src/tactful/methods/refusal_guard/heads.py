@@ -103,7 +103,7 @@ def head_influence(model: Any, tokenizer: Any, pairs: Sequence[ContrastPair], *,
     """(layers, I [len(layers), n_heads]): mean drop in the good-vs-bad margin when a head is removed."""
     if not pairs:
         raise UserError("no contrast pairs to score heads on")
-    sites = attention_sites(model, layers)
+    sites = attention_sites(model, layers, value=False)
     lay = head_layout(model)
     d_in = projection_in_features(sites[0].out_proj)
     if d_in != lay.d_in:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
+from tactful.architectures import attn_out_leaf_names
 from tactful.errors import UserError
 
 ARCHITECTURES = ("topk", "standard")
@@ -283,7 +284,7 @@ def check_attention_hook(cfg: SAEConfig, *, where: str) -> None:
     """The guard needs SAEs on the o_proj input (hook_z). A residual-stream SAE often has the
     same width (n_heads * head_dim == hidden size), so the shape check alone would pass."""
     name = cfg.hook_name or ""
-    if name.endswith("hook_z") or (cfg.hf_module or "").rsplit(".", 1)[-1] in ("o_proj", "out_proj", "dense", "c_proj"):
+    if name.endswith("hook_z") or (cfg.hf_module or "").rsplit(".", 1)[-1] in attn_out_leaf_names():
         return
     raise UserError(f"SAE hook {name!r} is not the attention output before o_proj (TransformerLens hook_z); "
                     "refusal_guard needs SAEs trained on that activation", where=where)

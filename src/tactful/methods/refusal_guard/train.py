@@ -27,6 +27,7 @@ import torch
 
 from tactful.data.records import Example, MCItem, PromptRecord
 from tactful.distributed import is_main_process, run_on_main
+from tactful import architectures
 from tactful.errors import UserError
 from tactful.methods.common import (
     EncodedDataset,
@@ -288,7 +289,7 @@ def train_layer_saes(model: Any, tokenizer: Any, settings: SAESettings, layers: 
                      model_name: str, seed: int = 0, system: str | None = None,
                      log: Callable[[str], None] = print) -> tuple[dict[int, SparseAutoencoder], dict[str, Any]]:
     """Capture, train one SAE per layer, save each to out_dir/layer_XX (SAELens layout). Returns (saes, summary)."""
-    sites = {s.layer: s for s in attention_sites(model, layers)}
+    sites = {s.layer: s for s in attention_sites(model, layers, value=False)}
     texts = corpus_texts(tokenizer, settings.sources, settings.split, seed=seed, system=system)
 
     def model_stream() -> Iterator[dict[int, torch.Tensor]]:
@@ -351,7 +352,7 @@ def _zip_shards(shard_dir: Path, layers: list[int]) -> Iterator[dict[int, torch.
 def _get_saes(config: RefusalGuardConfig, start: StartModel, run: RunDir, layers: list[int],
               log: Callable[[str], None]) -> tuple[dict[int, SparseAutoencoder], dict[str, Any]]:
     s = config.sae
-    d_in = projection_in_features(attention_sites(start.model, layers[:1])[0].out_proj)
+    d_in = projection_in_features(attention_sites(start.model, layers[:1], value=False)[0].out_proj)
     if s.pretrained:
         saes = load_sae_dir(s.pretrained)
         if config.sae.layers is not None:
@@ -533,11 +534,11 @@ def _alignment_matrices(start: StartModel, lora: LoraSettings, log: Callable[[st
     from tactful.models import load_model
 
     base, _ = load_model(start.base_model)
-    targets = set(lora.target_modules)
+    targets = architectures.lora_target_modules(base, list(lora.target_modules))
     aligned_mods = dict(start.model.named_modules())
     out = {}
     for name, mod in base.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and isinstance(mod, torch.nn.Linear) and name in aligned_mods:
+        if architectures.matches_target(name, targets) and isinstance(mod, torch.nn.Linear) and name in aligned_mods:
             out[name] = aligned_mods[name].weight.detach().float().cpu() - mod.weight.detach().float().cpu()
     del base
     changed = sum(1 for v in out.values() if torch.any(v))
@@ -650,7 +651,7 @@ def sae_features_command(
     set_seed(seed)
     saes = load_sae_dir(sae_dir)
     m, tok = load_model(model, device=_device())
-    d_in = projection_in_features(attention_sites(m, sorted(saes)[:1])[0].out_proj)
+    d_in = projection_in_features(attention_sites(m, sorted(saes)[:1], value=False)[0].out_proj)
     for layer, sae in saes.items():
         if sae.cfg.d_in != d_in:
             raise UserError(f"SAE for layer {layer} has d_in {sae.cfg.d_in}; {model}'s o_proj input has {d_in}")

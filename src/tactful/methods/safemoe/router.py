@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tactful import architectures
 from tactful.errors import UserError
 from tactful.kv_cache import cache_in
 
@@ -253,22 +254,18 @@ def stack_experts(module_name: str, base: nn.Linear, experts: Sequence[ExpertWei
 
 
 def decoder_layer_of(model: nn.Module, module_name: str) -> str:
-    """Name of the decoder layer holding a module: the outermost `<ModuleList>.<index>` prefix."""
-    parts = module_name.split(".")
-    for i in range(1, len(parts)):
-        if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
-            return ".".join(parts[: i + 1])
-    raise UserError(f"SafeMoE can only route modules inside decoder layers; {module_name} is not in one")
+    """Name of the decoder layer holding a module (`<layers>.<index>`, the layer list from the
+    architecture table)."""
+    prefix, layers = architectures.decoder_layers(model)
+    rest = module_name[len(prefix) + 1:] if module_name.startswith(prefix + ".") else ""
+    index = rest.split(".", 1)[0]
+    if index.isdigit() and int(index) < len(layers):
+        return f"{prefix}.{index}"
+    raise UserError(f"SafeMoE can only route modules inside decoder layers ({prefix}.N); {module_name} is not in one")
 
 
 def hidden_size_of(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    size = getattr(config, "hidden_size", None)
-    if not isinstance(size, int):
-        raise UserError("cannot tell the model's hidden size (config.hidden_size is missing)")
-    return size
+    return architectures.hidden_size(model)
 
 
 # --------------------------------------------------------------------------- the controller

@@ -136,9 +136,9 @@ class TraceConfig(DPOConfig):
     output_dir: str = "runs/trace"
     data: PairDataSettings = field(default_factory=_trace_data)
     loss: LossSettings = field(default_factory=lambda: LossSettings(name="sigmoid", beta=0.3))
-    # The paper's adapter: r 32, alpha 16, dropout 0.1 on q_proj and v_proj.
+    # The paper's adapter: r 32, alpha 16, dropout 0.1 on the query and value projections.
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=32, alpha=16, dropout=0.1,
-                                                                    target_modules=["q_proj", "v_proj"]))
+                                                                    target_modules=["attn_q", "attn_v"]))
     training: TrainingSettings = field(default_factory=_trace_training)
     trace: TraceSettings = field(default_factory=TraceSettings)
 
