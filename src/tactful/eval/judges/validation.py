@@ -63,7 +63,7 @@ def measure(judge: Any, rows: Sequence[dict]) -> dict[str, Any]:
 def validate(names: Sequence[str] = OFFLINE_JUDGES, *, write: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure `names` on the gold test split; rewrite the record (atomically) when `write`."""
-    from tactful.eval.judges import get_judge
+    from tactful.eval.judges.base import get_judge
     from tactful.io import atomic_write_json
 
     rows = gold.load_gold(split="test")
