@@ -57,10 +57,13 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q --upgrade "$(TORCH)"
 	.venv-latest/bin/python -m pip install -q --no-deps $(WHEELS)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
-	@echo "== newest releases under test (differences from $(LOCK) marked) =="
+	# TORCH rides along so the eager upgrade keeps the chosen torch build instead of the newest CUDA one
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' "$(TORCH)"
+	@echo "== newest releases under test (differences from $(LOCK) marked *) =="
 	@.venv-latest/bin/python -m pip freeze --exclude-editable | sed -e 's/^\(torch==[^+]*\)+.*/\1/' | grep -v '^tactful' \
-	  | while read -r line; do grep -qxF "$$line" $(LOCK) && echo "  $$line" || echo "* $$line (lock: $$(grep -i "^$${line%%==*}==" $(LOCK) | cut -d= -f3))"; done
+	  | while read -r line; do locked=$$(grep -i "^$${line%%==*}==" $(LOCK) | cut -d= -f3); \
+	    if grep -qxF "$$line" $(LOCK); then echo "  $$line"; \
+	    else echo "* $$line (lock: $${locked:-not in the lock})"; fi; done
 	.venv-latest/bin/python -m pytest -q -p no:cacheprovider
 
 clean:

@@ -43,6 +43,7 @@ class FakeServer:
                     step = server.script.pop(0) if server.script else None
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = True
                 try:
                     user = body["messages"][-1]["content"]
                     time.sleep(server.delay_for.get(user, 0.0))
@@ -52,6 +53,11 @@ class FakeServer:
                     if callable(payload):
                         payload = payload(self)
                     data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                    # Stop counting before the reply leaves: once the client has it, it may send its
+                    # next request before this thread runs again (a race that counted 5 of 4 slots).
+                    with server.lock:
+                        server.in_flight -= 1
+                    counted = False
                     self.send_response(status)
                     for k, v in headers.items():
                         self.send_header(k, v)
@@ -59,8 +65,9 @@ class FakeServer:
                     self.end_headers()
                     self.wfile.write(data)
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    if counted:
+                        with server.lock:
+                            server.in_flight -= 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -181,8 +181,10 @@ def _threshold_rule(score: Any, y: Any) -> float:
 def _acc(pred: Sequence[bool], y: Sequence[bool]) -> dict[str, Any]:
     n = len(y)
     k = int(sum(bool(p) == bool(t) for p, t in zip(pred, y)))
+    if not n:  # nothing of this kind in the split: no number rather than a NaN
+        return {"n": 0, "accuracy": None, "ci95": None}
     lo, hi = wilson_interval(k, n)
-    return {"n": n, "accuracy": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)]}
+    return {"n": n, "accuracy": round(k / n, 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
 def _string_refused(replies: Sequence[str], which: str) -> list[bool]:

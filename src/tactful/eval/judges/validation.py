@@ -35,8 +35,10 @@ def measured_accuracy(name: str) -> dict[str, Any]:
 def _acc(pred: Sequence[bool], truth: Sequence[bool]) -> dict[str, Any]:
     n = len(truth)
     k = sum(bool(p) == bool(t) for p, t in zip(pred, truth))
+    if not n:  # nothing of this kind in the split: no number rather than a NaN
+        return {"n": 0, "accuracy": None, "ci95": None}
     lo, hi = wilson_interval(k, n)
-    return {"n": n, "accuracy": round(k / n, 4) if n else None, "ci95": [round(lo, 4), round(hi, 4)]}
+    return {"n": n, "accuracy": round(k / n, 4), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
 def measure(judge: Any, rows: Sequence[dict]) -> dict[str, Any]:
