@@ -17,7 +17,7 @@ from tactful.eval.judges.base import JudgeItem, wilson_interval
 
 OFFLINE_JUDGES = ("outcome-minilm", "embedding-minilm", "string-xstest", "string-gcg")
 # refused-vs-not first: every judge is measured on it; outcome judges on every field they give
-FIELDS = ("refused", "uplift", "helpful", "degenerate", "outcome_harmful", "outcome_benign")
+FIELDS = ("refused", "uplift", "uplift_recall", "helpful", "degenerate", "outcome_harmful", "outcome_benign")
 
 
 def record_path() -> Path:
@@ -54,6 +54,11 @@ def measure(judge: Any, rows: Sequence[dict]) -> dict[str, Any]:
                                            for v, r in zip(verdicts, rows)], [True] * len(rows))}
     if any(v.degenerate is not None for v in verdicts):
         out["uplift"] = _acc([bool(verdicts[i].uplift) for i in harm], [bool(rows[i]["uplift"]) for i in harm])
+        # uplift is rare: say how much of it the judge finds and how often it is right when it says so
+        out["uplift_recall"] = _acc([bool(verdicts[i].uplift) for i in harm if rows[i]["uplift"]],
+                                    [True for i in harm if rows[i]["uplift"]])
+        out["uplift_precision"] = _acc([bool(rows[i]["uplift"]) for i in harm if verdicts[i].uplift],
+                                       [True for i in harm if verdicts[i].uplift])
         out["helpful"] = _acc([bool(verdicts[i].helpful) for i in ben], [gold.helpful(rows[i]) for i in ben])
         out["degenerate"] = _acc([bool(v.degenerate) for v in verdicts], [bool(r["degenerate"]) for r in rows])
         out["outcome_harmful"] = _acc([verdicts[i].label == rows[i]["outcome"] for i in harm], [True] * len(harm))
