@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 from tactful.data.records import Example
 from tactful.errors import UserError
 from tactful.methods.common import (
+    log_at_checkpoints,
+    run_train_loss,
     DEFAULT_TARGETS,
     EncodedDataset,
     LoraSettings,
@@ -88,13 +90,13 @@ def train_expert(
     dataset = EncodedDataset(tokenizer, list(examples), max_length=settings.training.max_length, system=system)
     args = training_arguments(settings.training, checkpoint_dir, seed=seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=ResponseCollator(tokenizer.pad_token_id), callbacks=callbacks)
+                      data_collator=ResponseCollator(tokenizer.pad_token_id), callbacks=[log_at_checkpoints(), *(callbacks or [])])
     ckpt = last_checkpoint(checkpoint_dir) if resume else None
     if ckpt:
         log(f"resuming expert {Path(out_dir).name} from {ckpt}")
     result = trainer.train(resume_from_checkpoint=ckpt)
     save_trained(trainer, None, out_dir)
-    return {"examples": len(examples), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+    return {"examples": len(examples), "steps": trainer.state.global_step, "train_loss": run_train_loss(trainer, result.training_loss),
             "log_history": trainer.state.log_history}
 
 

@@ -25,6 +25,8 @@ from tactful.data.records import Example
 from tactful.distributed import barrier, is_main_process, require_unsharded, share_from_main
 from tactful.errors import UserError
 from tactful.methods.common import (
+    log_at_checkpoints,
+    run_train_loss,
     EncodedDataset,
     ResponseCollator,
     TrainingSettings,
@@ -156,7 +158,7 @@ def train_router(
     # experts' stacked LoRA factors, identical on every process and never trained.
     args = training_arguments(training, checkpoint_dir, seed=seed, ddp_broadcast_buffers=False)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset,
-                               data_collator=ResponseCollator(tokenizer.pad_token_id), callbacks=callbacks)
+                               data_collator=ResponseCollator(tokenizer.pad_token_id), callbacks=[log_at_checkpoints(), *(callbacks or [])])
     ckpt = last_checkpoint(checkpoint_dir) if resume else None
     if ckpt:
         log(f"router: resuming from {ckpt}")
@@ -165,7 +167,7 @@ def train_router(
     finally:
         moe.collect_aux = False
     model.eval()
-    return {"examples": len(examples), "steps": trainer.state.global_step, "train_loss": result.training_loss,
+    return {"examples": len(examples), "steps": trainer.state.global_step, "train_loss": run_train_loss(trainer, result.training_loss),
             "log_history": trainer.state.log_history}
 
 
