@@ -3,8 +3,10 @@
 1. evaluate the embedded model (SmolLM2-135M-Instruct) on the built-in held-out test splits;
 2. align it with DCR + safety SFT on the built-in train splits (recipes/dcr.yaml, with a
    demo-sized budget);
-3. evaluate the aligned model on the same test prompts and print the before/after safety
-   card (safety, over-refusal, capability; each with n and a 95% CI) and the frontier plot.
+3. evaluate the aligned model on the same test prompts and print the before/after card of
+   what the replies did (harmful: declined, off-topic filler, uplift, degenerate; seemingly
+   toxic and ordinary prompts: refused, helped, degenerate; capability; each with n and a 95% CI,
+   and the judge's measured accuracy) and the frontier plot.
 
 Every step writes a run directory under --out and resumes if interrupted.
 """
