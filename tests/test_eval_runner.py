@@ -122,3 +122,27 @@ def test_mc_scores_match_manual_logprob(tiny):
         manual = sum(lp[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont))
         assert s.logps[j] == pytest.approx(manual, abs=1e-4)
     assert 0 < s.mc2 <= 1
+
+
+def test_rejudge_scores_saved_replies_with_another_judge_without_a_model(tmp_path):
+    from tactful.eval.runner import rejudge
+
+    suite = _suite(tmp_path, "mini", _data(6))
+    src = tmp_path / "src"
+    # a model spec that cannot load: re-judging must never need it
+    cfg = EvalConfig(model=str(tmp_path / "no-such-model"), suites=[suite], out=str(src))
+    first = Evaluator(cfg, generator=CountingGenerator()).run()["suites"]["mini"]
+    assert first["judge"] == "string-xstest" and "outcomes" not in first
+    again = rejudge(src, tmp_path / "again", judge="outcome-minilm")
+    res = again["suites"]["mini"]
+    assert res["judge"] == "outcome-minilm" and res["n"] == 6
+    assert set(res["outcomes"]) == {"declined", "evasive", "attempted", "uplift", "degenerate"}
+    assert res["judge_accuracy"]["refused"]["n"] > 0 and again["rejudged_from"] == str(src)
+    items = [json.loads(l) for l in (tmp_path / "again" / "mini" / "items.jsonl").read_text().splitlines()]
+    saved = [json.loads(l) for l in (src / "mini" / "items.jsonl").read_text().splitlines()]
+    assert [i["response"] for i in items] == [i["response"] for i in saved]  # the same replies, judged again
+    assert all("degenerate" in i["verdict"] for i in items)
+    with pytest.raises(UserError, match="new directory"):
+        rejudge(src, src, judge="string-gcg")
+    with pytest.raises(UserError, match="not a tactful evaluation"):
+        rejudge(tmp_path, tmp_path / "x", judge="string-gcg")

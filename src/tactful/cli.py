@@ -211,11 +211,13 @@ def eval_cmd(
     vllm_option: Optional[List[str]] = typer.Option(None, "--vllm-option", help=(
         "A vllm.LLM keyword for --backend vllm, key=value (repeatable), e.g. tensor_parallel_size=4.")),
     trust_remote_code: bool = typer.Option(False, help="Allow model repositories to run their own code."),
+    rejudge: Optional[str] = typer.Option(None, help=(
+        "Judge the saved replies of an earlier `tactful eval --out DIR` again (with --judge, or each suite's "
+        "judge), into --out; nothing is generated.")),
 ) -> None:
     """Evaluate a model on suites; writes per-item JSONL, metrics with 95% CIs and a Markdown report."""
     import yaml
 
-    from tactful.eval.report import judge_line, outcomes_table, summary_table
     from tactful.eval.runner import EvalConfig, evaluate
 
     judge_options = {}
@@ -223,17 +225,30 @@ def eval_cmd(
         judge_options = {"base_url": judge_url, "model": judge_model, "api_key_env": judge_key_env}
     # values are YAML scalars, so tensor_parallel_size=4 is an int and enforce_eager=true a bool
     vllm_options = {k: yaml.safe_load(v) for k, v in _kv(vllm_option, "--vllm-option").items()}
+    if rejudge:
+        from tactful.eval.runner import rejudge as run_rejudge
+
+        with progress_factory() as pf:
+            metrics = run_rejudge(rejudge, out, judge=judge, judge_options=judge_options, progress=pf)
+        _print_eval(metrics, out)
+        return
     cfg = EvalConfig(model=model, adapter=adapter, run=run, suites=_split_list(suite), judge=judge,
                      judge_options=judge_options, backend=backend, base_url=base_url, api_model=api_model,
                      limit=limit, out=out, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
                      device=device, dtype=dtype, vllm_options=vllm_options, trust_remote_code=trust_remote_code)
     with progress_factory() as pf:
         metrics = evaluate(cfg, progress=pf)
+    _print_eval(metrics, out)
+
+
+def _print_eval(metrics: dict, out: str) -> None:
+    from tactful.eval.report import judge_line, judged_suites, outcomes_table, summary_table
+
     typer.echo(summary_table(metrics))
     outcomes = outcomes_table(metrics)
     if outcomes:
         typer.echo("\nwhat the replies did:\n" + outcomes)
-    for res in {r.get("judge"): r for r in metrics.get("suites", {}).values() if r.get("judge")}.values():
+    for res in judged_suites(metrics):
         typer.echo(judge_line(res))
     typer.echo(f"\nreport: {Path(out) / 'report.md'}")
 

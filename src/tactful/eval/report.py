@@ -46,6 +46,15 @@ def judge_line(res: dict[str, Any]) -> str:
     return f"judge `{res.get('judge')}`, accuracy on the gold test split: {format_accuracy(acc)}"
 
 
+def judged_suites(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One suite result per judge that judged replies (multiple-choice scoring is no judge)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for res in metrics.get("suites", {}).values():
+        if res.get("judge") and res.get("expected") != "multiple-choice":
+            seen.setdefault(res["judge"], res)
+    return list(seen.values())
+
+
 def outcomes_table(metrics: dict[str, Any]) -> str:
     """What the replies did, per generative suite with an outcome judge (docs/judging.md)."""
     lines = []
@@ -68,9 +77,9 @@ def write_report(out_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     outcomes = outcomes_table(metrics)
     if outcomes:
         parts += ["## What the replies did", "", outcomes, ""]
-    judged = {res.get("judge"): res for res in metrics.get("suites", {}).values() if res.get("judge")}
+    judged = judged_suites(metrics)
     if judged:
-        parts += ["## Judges", ""] + [f"- {judge_line(res)}" for res in judged.values()] + [""]
+        parts += ["## Judges", ""] + [f"- {judge_line(res)}" for res in judged] + [""]
     for name, res in metrics.get("suites", {}).items():
         cats = res.get("per_category") or {}
         if len(cats) > 1:

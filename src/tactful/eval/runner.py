@@ -432,3 +432,57 @@ def _diff(old: dict, new: dict) -> str:
 
 def evaluate(config: EvalConfig, **kw: Any) -> dict[str, Any]:
     return Evaluator(config, **kw).run()
+
+
+def rejudge(source: str | Path, out: str | Path, *, judge: str | None = None,
+            judge_options: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """Judge an earlier evaluation's saved replies again, with `judge` (None: each suite's own
+    judge as the suite file says it today), into `out`; nothing is generated, no model loads.
+
+    The source's generations.jsonl and settings.json are copied into `out` and the evaluation
+    is re-run from its recorded config there: every reply counts as already generated, so only
+    judging happens. Multiple-choice suites (no replies to judge) keep their scores."""
+    import shutil
+
+    src = Path(source)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{src} is not a tactful evaluation (no config.json); give the --out directory of `tactful eval`")
+    try:
+        recorded = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    fields = {f for f in EvalConfig.__dataclass_fields__}
+    config = EvalConfig(**{k: v for k, v in recorded.items() if k in fields})
+    if Path(out).resolve() == src.resolve():
+        raise UserError("--out must be a new directory: re-judging never overwrites the evaluation it reads")
+    config.out, config.judge = str(out), judge
+    config.judge_options = dict(judge_options or {})
+    generative, kept = [], {}
+    old = json.loads((src / "metrics.json").read_text()).get("suites", {}) if (src / "metrics.json").is_file() else {}
+    for name in config.suites:
+        suite = load_suite(name)
+        sdir = src / suite.name
+        if not suite.generates:
+            if suite.name in old:
+                kept[suite.name] = old[suite.name]
+            continue
+        if not (sdir / "generations.jsonl").is_file():
+            raise UserError(f"{sdir}/generations.jsonl not found: suite {suite.name} has no saved replies to judge")
+        dest = Path(out) / suite.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("generations.jsonl", "settings.json"):
+            if (sdir / f).is_file():
+                shutil.copyfile(sdir / f, dest / f)
+        generative.append(name)
+    if not generative:
+        raise UserError(f"{src} has no generative suites to judge again")
+    config.suites = generative
+    metrics = Evaluator(config, **kw).run()
+    metrics["suites"].update(kept)
+    metrics["rejudged_from"] = str(src)
+    atomic_write_json(Path(out) / "metrics.json", metrics)
+    from tactful.eval.report import write_report
+
+    write_report(Path(out), metrics)
+    return metrics
