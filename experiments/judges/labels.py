@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
 
+def die(message: str) -> None:
+    """One line naming the file, line and field; exit code 2 (a user error, not a crash)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -100,14 +106,14 @@ def merge(items: list[dict], labels_dir: Path, out: Path, external: list[dict] |
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                sys.exit(f"error: {path}:{n}: not JSON ({e.msg})")
+                die(f"{path}:{n}: not JSON ({e.msg})")
             iid = row.get("item_id")
             if iid not in by_id:
-                sys.exit(f"error: {path}:{n}: item_id {iid!r} is not in the items file")
+                die(f"{path}:{n}: item_id {iid!r} is not in the items file")
             try:
                 target[iid] = check_label(row, by_id[iid]["prompt_type"], f"{path}:{n}")
             except ValueError as e:
-                sys.exit(f"error: {e}")
+                die(f"{e}")
     missing = [i for i in by_id if i not in first]
     if missing:
         print(f"warning: {len(missing)} items have no label yet (first: {missing[:5]})")
