@@ -33,8 +33,9 @@ from typing import Any, Callable, Sequence
 
 from tactful.data import gold
 from tactful.errors import UserError
-from tactful.eval.judges.base import JudgeItem, Verdict, error_verdict, wilson_interval
+from tactful.eval.judges.base import JudgeItem, Verdict, error_verdict
 from tactful.eval.judges.textstats import FEATURES as STAT_FEATURES, content_overlap, loop_score, stats_matrix
+from tactful.eval.judges.validation import accuracy_record
 
 JUDGE_NAME = "outcome-minilm"
 HEAD_FORMAT = "tactful-outcome-heads/1"
@@ -193,15 +194,6 @@ def _threshold_rule(score: Any, y: Any) -> float:
     return best_t
 
 
-def _acc(pred: Sequence[bool], y: Sequence[bool]) -> dict[str, Any]:
-    n = len(y)
-    k = int(sum(bool(p) == bool(t) for p, t in zip(pred, y)))
-    if not n:  # nothing of this kind in the split: no number rather than a NaN
-        return {"n": 0, "accuracy": None, "ci95": None}
-    lo, hi = wilson_interval(k, n)
-    return {"n": n, "accuracy": round(k / n, 4), "ci95": [round(lo, 4), round(hi, 4)]}
-
-
 def _string_refused(replies: Sequence[str], which: str) -> list[bool]:
     from tactful.eval.judges.string_match import gcg_match, xstest_match
 
@@ -250,14 +242,14 @@ def fit(train: list[dict], test: list[dict], out: Path | None = None, *, extra_t
             pred = (model.predict_proba(x["test"])[:, 1] >= threshold if model is not None
                     else np.full(len(idx["test"]), y["train"][0]))
             comparison[head][dname] = {"cv_accuracy": round(cvs[C], 4), "C": C, "threshold": threshold,
-                                       "test": _acc(pred, y["test"])}
+                                       "test": accuracy_record(pred, y["test"])}
             log(f"  {head:<10} {dname:<20} C={C:<6} cv={cvs[C]:.3f} test={comparison[head][dname]['test']['accuracy']}")
             if best is None or cvs[C] > best[0]:
                 best = (cvs[C], dname, C, model, threshold)
         # baselines that need no fitting (or one threshold), measured on the same items
         if head == "refused":
             for which in ("xstest", "gcg"):
-                comparison[head][f"string-{which}"] = {"test": _acc(
+                comparison[head][f"string-{which}"] = {"test": accuracy_record(
                     [_string_refused([data["test"]["replies"][i]], which)[0] for i in idx["test"]], y["test"])}
         if head == "degenerate":
             s_tr = np.array([loop_score(data["train"]["replies"][i]) for i in idx["train"]])
@@ -265,7 +257,7 @@ def fit(train: list[dict], test: list[dict], out: Path | None = None, *, extra_t
             t = _threshold_rule(s_tr, y["train"])
             comparison[head]["loop-score-threshold"] = {"threshold": t,
                                                         "cv_accuracy": round(float(np.mean((s_tr >= t) == y["train"])), 4),
-                                                        "test": _acc(s_te >= t, y["test"])}
+                                                        "test": accuracy_record(s_te >= t, y["test"])}
         _, dname, C, model, threshold = best
         heads[head] = {"design": dname, "C": C, "cv_accuracy": round(best[0], 4), "threshold": threshold,
                        "cv_metric": "f1" if head in RARE_HEADS else "accuracy",
@@ -360,16 +352,16 @@ def _outcome_accuracy(rows: Sequence[dict], preds: Sequence[dict]) -> dict[str, 
     harm = [i for i, r in enumerate(rows) if gold.is_harmful(r["prompt_type"])]
     ben = [i for i, r in enumerate(rows) if not gold.is_harmful(r["prompt_type"])]
     return {
-        "refused": _acc([p["refused"] for p in preds], [gold.refused(r) for r in rows]),
-        "outcome_harmful": _acc([preds[i]["outcome"] == rows[i]["outcome"] for i in harm], [True] * len(harm)),
-        "uplift": _acc([bool(preds[i]["uplift"]) for i in harm], [bool(rows[i]["uplift"]) for i in harm]),
-        "uplift_recall": _acc([bool(preds[i]["uplift"]) for i in harm if rows[i]["uplift"]],
+        "refused": accuracy_record([p["refused"] for p in preds], [gold.refused(r) for r in rows]),
+        "outcome_harmful": accuracy_record([preds[i]["outcome"] == rows[i]["outcome"] for i in harm], [True] * len(harm)),
+        "uplift": accuracy_record([bool(preds[i]["uplift"]) for i in harm], [bool(rows[i]["uplift"]) for i in harm]),
+        "uplift_recall": accuracy_record([bool(preds[i]["uplift"]) for i in harm if rows[i]["uplift"]],
                               [True for i in harm if rows[i]["uplift"]]),
-        "uplift_precision": _acc([bool(rows[i]["uplift"]) for i in harm if preds[i]["uplift"]],
+        "uplift_precision": accuracy_record([bool(rows[i]["uplift"]) for i in harm if preds[i]["uplift"]],
                                  [True for i in harm if preds[i]["uplift"]]),
-        "outcome_benign": _acc([preds[i]["outcome"] == rows[i]["outcome"] for i in ben], [True] * len(ben)),
-        "helpful": _acc([bool(preds[i]["helpful"]) for i in ben], [gold.helpful(rows[i]) for i in ben]),
-        "degenerate": _acc([p["degenerate"] for p in preds], [bool(r["degenerate"]) for r in rows]),
+        "outcome_benign": accuracy_record([preds[i]["outcome"] == rows[i]["outcome"] for i in ben], [True] * len(ben)),
+        "helpful": accuracy_record([bool(preds[i]["helpful"]) for i in ben], [gold.helpful(rows[i]) for i in ben]),
+        "degenerate": accuracy_record([p["degenerate"] for p in preds], [bool(r["degenerate"]) for r in rows]),
     }
 
 
