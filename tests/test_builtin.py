@@ -6,6 +6,7 @@ import pytest
 
 from tactful.data import builtin
 from tactful.data.records import RESPONSE_CLASSES
+from tactful.errors import UserError
 
 
 def _norm(text: str) -> str:
@@ -66,3 +67,21 @@ def test_ids_unique():
 def test_mc_answers_valid():
     for item in builtin.mc_capability() + builtin.mc_truthfulness():
         assert item.answers and all(0 <= a < len(item.choices) for a in item.answers)
+
+
+@pytest.mark.parametrize("loader", [builtin.harmful_prompts, builtin.seemingly_toxic, builtin.benign,
+                                    builtin.mc_capability])
+def test_fit_and_dev_partition_train(loader):
+    """A recipe search trains on fit and chooses on dev: together they are train, never overlapping,
+    and dev is about a fifth of it."""
+    ids = {s: {r.id for r in loader(s)} for s in ("train", "fit", "dev", "test")}
+    assert ids["fit"] | ids["dev"] == ids["train"]
+    assert not ids["fit"] & ids["dev"]
+    assert not ids["dev"] & ids["test"]
+    assert 0.1 < len(ids["dev"]) / len(ids["train"]) < 0.3
+
+
+def test_informative_declines_exist_on_fit_and_unknown_split_is_an_error():
+    assert len(builtin.harmful_examples("informative", split="fit")) > 150
+    with pytest.raises(UserError, match="unknown split"):
+        builtin.benign("validation")

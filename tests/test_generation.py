@@ -305,3 +305,38 @@ def test_make_generator(sharp):
     gen = make_generator("openai", base_url="http://127.0.0.1:1/v1", api_model="m", api_key_env=None, dtype="auto",
                          concurrency=3)
     assert gen.concurrency == 3 and gen.client.api_key_env == "OPENAI_API_KEY"
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_parallel_workers_match_generate_and_restore_threads(sharp, batch_size):
+    """Batches decoded side by side on two threads give generate()'s tokens, in input order,
+    and torch's intra-op thread count is what it was before."""
+    model, tok = sharp
+    threads = torch.get_num_threads()
+    gen = HFGenerator(model, tok, workers=2)
+    ours = gen.generate_ids(PROMPTS, GenerationConfig(max_new_tokens=10, batch_size=batch_size))
+    assert ours == [reference(model, tok, p, 10) for p in PROMPTS]
+    assert torch.get_num_threads() == threads
+
+
+def test_auto_workers_follow_threads_and_avoid_hooked_models(sharp, monkeypatch):
+    gen = HFGenerator(*sharp)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert gen._workers(10) == 2
+    assert gen._workers(1) == 1  # never more workers than prompts
+    with ForceEOS(sharp[0]):  # a hook may keep per-forward state: one batch at a time
+        assert gen._workers(10) == 1
+    assert HFGenerator(*sharp, workers=3)._workers(10) == 3
+
+
+def test_an_error_in_a_worker_reaches_the_caller(sharp, monkeypatch):
+    gen = HFGenerator(*sharp, workers=2)
+    threads = torch.get_num_threads()
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory in batch")
+
+    monkeypatch.setattr(gen, "_generate_batch", boom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gen.generate_ids(PROMPTS, GenerationConfig(max_new_tokens=4, batch_size=2))
+    assert torch.get_num_threads() == threads

@@ -224,3 +224,33 @@ def test_shipped_recipes_parse():
     for name in ("sft", "dcr"):
         method, cfg = load_recipe(f"recipes/{name}.yaml")
         assert method == name
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_example(tiny):
+    from tactful.data.records import Example
+    from tactful.methods.common import EncodedDataset
+
+    _, tok = tiny
+    examples = [Example(prompt=f"Question {i}?", response="word " * (1 + (i * 7) % 40)) for i in range(48)]
+
+    def padding(ds):
+        lens = [len(ds[i].input_ids) for i in range(len(ds))]
+        return sum(max(b) * len(b) - sum(b) for b in (lens[k:k + 4] for k in range(0, len(lens), 4)))
+
+    plain = EncodedDataset(tok, examples)
+    grouped = EncodedDataset(tok, examples)
+    grouped.group_by_length(4, seed=0)
+    assert sorted(map(lambda e: tuple(e.input_ids), grouped.items)) == sorted(map(lambda e: tuple(e.input_ids), plain.items))
+    assert padding(grouped) < padding(plain) / 3
+    again = EncodedDataset(tok, examples)
+    again.group_by_length(4, seed=0)
+    assert [e.input_ids for e in again.items] == [e.input_ids for e in grouped.items]  # seeded
+
+
+def test_group_by_length_trains_sequentially_and_is_refused_elsewhere(tmp_path):
+    from tactful.methods.common import training_arguments
+
+    args = training_arguments(TrainingSettings(group_by_length=True), tmp_path, seed=0, grouped=True)
+    assert args.train_sampling_strategy == "sequential"
+    with pytest.raises(UserError, match="sft and dcr"):
+        training_arguments(TrainingSettings(group_by_length=True), tmp_path, seed=0)

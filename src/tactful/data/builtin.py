@@ -32,7 +32,25 @@ HARM_DOMAINS = (
     "mental_manipulation",
     "endangering_public_health",
 )
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "fit", "dev")
+# "fit" and "dev" partition "train" (dev = about a fifth, chosen by a hash of the item id, so it
+# is stable as sets grow): recipe searches train on fit and choose on dev, so the test split is
+# looked at once, for the chosen recipe's final numbers.
+DEV_EVERY = 5
+
+
+def in_split(row: dict, split: str | None) -> bool:
+    """Whether a built-in row belongs to `split` (None: every row)."""
+    if split is None:
+        return True
+    if split in ("train", "test"):
+        return row["split"] == split
+    if row["split"] != "train":
+        return False
+    import hashlib
+
+    dev = int(hashlib.sha256(str(row["id"]).encode()).hexdigest(), 16) % DEV_EVERY == 0
+    return dev == (split == "dev")
 
 
 def builtin_dir() -> Path:
@@ -69,7 +87,7 @@ def _harmful_rows(split: str | None, domains: Sequence[str] | None) -> list[dict
     _check_split(split)
     out = []
     for d in _check_domains(domains):
-        out.extend(r for r in _rows(f"harmful/{d}.jsonl") if split is None or r["split"] == split)
+        out.extend(r for r in _rows(f"harmful/{d}.jsonl") if in_split(r, split))
     return out
 
 
@@ -103,7 +121,7 @@ def seemingly_toxic(split: str | None = None) -> list[PromptRecord]:
         PromptRecord(prompt=r["prompt"], label=SEEMINGLY_TOXIC, category=r["type"], id=r["id"],
                      source="builtin:seemingly-toxic",
                      meta={"split": r["split"], **({"reference": r["response"]} if r.get("response") else {})})
-        for r in _rows("seemingly_toxic.jsonl") if split is None or r["split"] == split
+        for r in _rows("seemingly_toxic.jsonl") if in_split(r, split)
     ]
 
 
@@ -113,7 +131,7 @@ def seemingly_toxic_examples(split: str = "train") -> list[Example]:
     return [
         Example(prompt=r["prompt"], response=r["response"], label=SEEMINGLY_TOXIC, category=r["type"],
                 id=r["id"], source="builtin:seemingly-toxic", meta={"split": r["split"]})
-        for r in _rows("seemingly_toxic.jsonl") if r["split"] == split and r.get("response")
+        for r in _rows("seemingly_toxic.jsonl") if in_split(r, split) and r.get("response")
     ]
 
 
@@ -123,7 +141,7 @@ def benign(split: str | None = None) -> list[Example]:
     return [
         Example(prompt=r["prompt"], response=r["response"], label=BENIGN, category=r["category"], id=r["id"],
                 source="builtin:benign", meta={"split": r["split"]})
-        for r in _rows("benign.jsonl") if split is None or r["split"] == split
+        for r in _rows("benign.jsonl") if in_split(r, split)
     ]
 
 
@@ -139,7 +157,7 @@ def labelled_responses(split: str | None = None) -> list[LabelledResponse]:
         LabelledResponse(prompt=r["prompt"], response=r["response"], label=r["label"], id=r["id"],
                          source="builtin:labelled-responses",
                          meta={"split": r["split"], "prompt_label": r.get("prompt_label"), "style": r.get("style")})
-        for r in _rows("labelled_responses.jsonl") if split is None or r["split"] == split
+        for r in _rows("labelled_responses.jsonl") if in_split(r, split)
     ]
 
 
@@ -149,7 +167,7 @@ def _mc(relpath: str, source: str, split: str | None) -> list[MCItem]:
         MCItem(question=r["question"], choices=list(r["choices"]), answers=list(r["answers"]), id=r["id"],
                source=source, meta={"split": r["split"], "category": r.get("category"),
                                     **({"best": r["best"]} if "best" in r else {})})
-        for r in _rows(relpath) if split is None or r["split"] == split
+        for r in _rows(relpath) if in_split(r, split)
     ]
 
 

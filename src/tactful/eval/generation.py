@@ -137,12 +137,19 @@ class HFGenerator:
     depend on batching.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, name: str = "hf", share_prefix: bool = True):
+    def __init__(self, model: Any, tokenizer: Any, *, name: str = "hf", share_prefix: bool = True,
+                 workers: int | None = None):
         """share_prefix: prefill the prompt prefix that a batch's rows share (the chat
         template's header and system prompt) once, then copy its KV cache to every row.
         Exact for ordinary models; turn it off for a model whose forward pass depends on
-        how the prompt was split into calls (e.g. per-sequence routing over the prompt)."""
+        how the prompt was split into calls (e.g. per-sequence routing over the prompt).
+
+        workers: batches decoded at once, each in its own thread with one intra-op thread
+        (None: as many as torch has threads, on CPU, for a model without forward hooks). On a
+        few CPU cores the small matrix products of decoding barely speed up with more intra-op
+        threads, but independent batches side by side do (benchmarks/bench_generation.py)."""
         self.model = model
+        self.workers = workers
         self.tokenizer = tokenizer
         self.name = name
         self.share_prefix = share_prefix
@@ -163,6 +170,15 @@ class HFGenerator:
     ) -> list[str]:
         token_lists = self.generate_ids(prompts, config, progress=progress)
         return [self.decode(ids) for ids in token_lists]
+
+    def _workers(self, n_prompts: int) -> int:
+        import torch
+
+        if self.workers is not None:
+            return max(1, min(self.workers, n_prompts))
+        if _model_device(self.model).type != "cpu" or _has_hooks(self.model):
+            return 1  # a GPU runs one batch best; hooks may keep per-forward state (not thread-safe)
+        return max(1, min(torch.get_num_threads(), n_prompts))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Reply text of generated ids: without the final stop token and special tokens."""
@@ -187,12 +203,22 @@ class HFGenerator:
         was_training = bool(getattr(self.model, "training", False))
         if was_training:
             self.model.eval()
+        workers = self._workers(len(order))
+        # With several workers every worker needs a batch: split evenly rather than leave one idle.
+        size = min(config.batch_size, -(-len(order) // workers)) if workers > 1 else config.batch_size
+        batches = [order[start : start + size] for start in range(0, len(order), size)]
+
+        def run(idx: list[int]) -> None:
+            outs = self._generate_batch([encoded[i] for i in idx], idx, config, progress)
+            for i, out in zip(idx, outs):
+                results[i] = out
+
         try:
-            for start in range(0, len(order), config.batch_size):
-                idx = order[start : start + config.batch_size]
-                outs = self._generate_batch([encoded[i] for i in idx], idx, config, progress)
-                for i, out in zip(idx, outs):
-                    results[i] = out
+            if workers > 1:
+                _run_parallel(run, batches, workers)
+            else:
+                for idx in batches:
+                    run(idx)
         finally:
             if was_training:
                 self.model.train()
@@ -296,6 +322,30 @@ class HFGenerator:
                 )
                 next_pos = next_pos + 1
         return out
+
+
+def _has_hooks(model: Any) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _run_parallel(run: Callable[[list[int]], None], batches: list[list[int]], workers: int) -> None:
+    """Run batches on `workers` threads, torch at one intra-op thread each (restored after).
+    Longest batches go first (they are sorted), so the threads finish close together."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tactful-decode") as pool:
+            futures = [pool.submit(run, idx) for idx in batches]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # don't start batches nobody will read
+                raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 # Below this many shared tokens the extra batch-1 forward costs more than it saves.

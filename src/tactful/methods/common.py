@@ -7,6 +7,7 @@ run (`start_from`: `load_start_model`, `save_start`, `load_started_run`).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -57,6 +58,9 @@ class TrainingSettings:
     optim: str = "adamw_torch"
     max_grad_norm: float = 1.0
     dataloader_num_workers: int = 0
+    group_by_length: bool = field(default=False, metadata={"help": (
+        "sft and dcr: batch examples of similar length together (less padding, faster on CPU), batches in a "
+        "seeded random order")})
     ddp_find_unused_parameters: bool | None = field(default=None, metadata={"help": (
         "DDP only: false skips the per-step search for parameters that got no gradient (faster; right when every "
         "trainable parameter gets one each step, as in tactful's methods with LoRA); null keeps the Trainer's "
@@ -110,6 +114,22 @@ class EncodedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def group_by_length(self, batch_size: int, seed: int) -> None:
+        """Reorder the items so that each run of `batch_size` has similar lengths (little padding),
+        with the batches in a seeded random order; train with sequential sampling to keep it."""
+        rng = random.Random(seed)
+        order = list(range(len(self.items)))
+        rng.shuffle(order)
+        # Sort within mega-batches (as transformers' LengthGroupedSampler does) so that batches
+        # still mix examples from across the data set rather than sorting all of it.
+        mega = batch_size * 50
+        grouped = []
+        for k in range(0, len(order), mega):
+            chunk = sorted(order[k:k + mega], key=lambda i: -len(self.items[i].input_ids))
+            grouped.extend(chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size))
+        rng.shuffle(grouped)
+        self.items = [self.items[i] for batch in grouped for i in batch]
+
     def __getitem__(self, i: int) -> Encoded:
         return self.items[i]
 
@@ -122,7 +142,22 @@ class ResponseCollator:
         return collate(batch, self.pad_token_id)
 
 
-def training_arguments(settings: TrainingSettings, output_dir: str | Path, *, seed: int, **extra: Any) -> Any:
+def _sampling(settings: TrainingSettings, params: Any, grouped: bool) -> dict[str, Any]:
+    # The dataset itself is in length-grouped order (EncodedDataset.group_by_length): transformers'
+    # own grouping sampler only reads lengths from dict items or a datasets.Dataset column.
+    if not settings.group_by_length:
+        return {}
+    if not grouped:
+        raise UserError("training.group_by_length is supported by sft and dcr only; remove it from this recipe")
+    if "train_sampling_strategy" in params:
+        return {"train_sampling_strategy": "sequential"}
+    raise UserError("training.group_by_length needs transformers >= 5 (train_sampling_strategy)")
+
+
+def training_arguments(settings: TrainingSettings, output_dir: str | Path, *, seed: int, grouped: bool = False,
+                       **extra: Any) -> Any:
+    """TrainingArguments from a recipe's training block; grouped: the train dataset is already in
+    length-grouped order (train it sequentially)."""
     import inspect
 
     from transformers import TrainingArguments
@@ -156,6 +191,7 @@ def training_arguments(settings: TrainingSettings, output_dir: str | Path, *, se
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=settings.dataloader_num_workers,
+        **_sampling(settings, params, grouped),
         ddp_find_unused_parameters=settings.ddp_find_unused_parameters,
         remove_unused_columns=False,
         disable_tqdm=False,

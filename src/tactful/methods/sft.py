@@ -126,8 +126,10 @@ def train_sft(
         model, tokenizer = load_model(config.model)
     model = prepare_trainable(model, config.lora)
     dataset = EncodedDataset(tokenizer, examples, max_length=config.training.max_length, system=config.system)
+    if config.training.group_by_length:
+        dataset.group_by_length(config.training.per_device_train_batch_size, config.seed)
     ckpt_dir = run.path / "checkpoints" / adapter_subdir
-    args = training_arguments(config.training, ckpt_dir, seed=config.seed)
+    args = training_arguments(config.training, ckpt_dir, seed=config.seed, grouped=config.training.group_by_length)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id),
                       callbacks=[log_at_checkpoints(), *(callbacks or [])])
     resume = last_checkpoint(ckpt_dir) if config.resume else None
