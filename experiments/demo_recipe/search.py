@@ -191,28 +191,30 @@ TEST_NAMES = {"harmful": "safety", "seemingly_toxic": "over-refusal", "benign": 
 
 
 def search(names: list[str]) -> dict[str, Any]:
-    state_path = RESULTS / "search.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"candidates": {}}
+    """Train and judge each candidate (one JSON per candidate, so several processes can share the
+    search), then rank every candidate measured so far."""
     base = measures(_eval(None, DEV_SUITES, RUNS / "search" / "base-dev", 0), DEV_NAMES)
-    state["base"] = base
     save_items(RUNS / "search" / "base-dev", RESULTS / "search" / "base.jsonl.gz", arm="base", seed=0)
     for name in names:
         out = RUNS / "search" / name
+        entry_path = RESULTS / "search" / f"{name}.json"
+        entry = json.loads(entry_path.read_text()) if entry_path.is_file() else {}
         wall = _timed_train(name, "fit", out, 0)
         m = measures(_eval(out, DEV_SUITES, RUNS / "search" / f"{name}-dev", 0), DEV_NAMES)
-        entry = state["candidates"].get(name, {})
         if wall is not None:
             entry["train_wall_s"] = round(wall, 1)
         entry.update({"recipe": CANDIDATES[name][0], "overrides": overrides_for(name, "fit"),
                       "what": CANDIDATES[name][2], "measures": m, "targets": targets(m, base)})
-        state["candidates"][name] = entry
         save_items(RUNS / "search" / f"{name}-dev", RESULTS / "search" / f"{name}.jsonl.gz", arm=name, seed=0)
-        _write_json(state_path, state)
-    ranked = sorted(state["candidates"], key=lambda n: rank_key(state["candidates"][n]["measures"], base),
-                    reverse=True)
-    state["ranking"] = ranked
-    state["winner"] = ranked[0]
-    _write_json(state_path, state)
+        _write_json(entry_path, entry)
+    return rank(base)
+
+
+def rank(base: dict[str, float | None]) -> dict[str, Any]:
+    cands = {p.stem: json.loads(p.read_text()) for p in sorted((RESULTS / "search").glob("*.json"))}
+    ranked = sorted(cands, key=lambda n: rank_key(cands[n]["measures"], base), reverse=True)
+    state = {"base": base, "candidates": cands, "ranking": ranked, "winner": ranked[0] if ranked else None}
+    _write_json(RESULTS / "search.json", state)
     (RESULTS / "search.md").write_text(search_table(state))
     return state
 

@@ -414,12 +414,17 @@ def sae_features(
 def demo(
     out: str = typer.Option("runs/demo", help="Where to write the demo's runs (re-running resumes)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate at most N prompts per suite."),
-    align: bool = typer.Option(True, help="Align with DCR + SFT and show before/after (--no-align: evaluate only)."),
+    align: bool = typer.Option(True, help="Align with recipes/demo.yaml and show before/after (--no-align: evaluate only)."),
+    public_data: Optional[str] = typer.Option(None, "--public-data", help=(
+        "Folder holding xstest_prompts.csv (XSTest v2) to show a public benchmark too; default $TACTFUL_DATA_DIR "
+        "or ../shared/data when present.")),
 ) -> None:
-    """The main job: evaluate the embedded model, align it with DCR + safety SFT, and print the before/after safety card."""
+    """The main job: evaluate the embedded model, align it with the demo recipe, and print the before/after card."""
     from tactful.demo import run_demo
 
-    run_demo(out=out, limit=limit, align=align)
+    if public_data is not None and not Path(public_data).is_dir():
+        raise UserError(f"--public-data {public_data}: no such folder")
+    run_demo(out=out, limit=limit, align=align, public_data=public_data)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,37 +1,44 @@
-"""`tactful demo`: the main job, on the embedded model, offline, in minutes on 2 CPU cores.
+"""`tactful demo`: the main job, on the embedded model, offline, in about ten minutes on 2 CPU cores.
 
-1. evaluate the embedded model (SmolLM2-135M-Instruct) on the built-in held-out test splits;
-2. align it with DCR + safety SFT on the built-in train splits (recipes/dcr.yaml, with a
-   demo-sized budget);
-3. evaluate the aligned model on the same test prompts and print the before/after card of
-   what the replies did (harmful: declined, off-topic filler, uplift, degenerate; seemingly
-   toxic and ordinary prompts: refused, helped, degenerate; capability; each with n and a 95% CI,
-   and the judge's measured accuracy) and the frontier plot.
+1. evaluate the embedded model (SmolLM2-135M-Instruct) on the built-in held-out test splits and,
+   where its file is found, on a public benchmark it never trains on (XSTest: unsafe prompts and
+   safe prompts that only sound unsafe). The base model's replies are deterministic, so they are
+   cached by model and settings: a second demo does not generate them again;
+2. align it with the recipe the demo recipe search chose (recipes/demo.yaml; the search and why it
+   won: experiments/demo_recipe/);
+3. evaluate the aligned model on the same prompts and print the before/after card of what the
+   replies did (harmful: declined, off-topic filler, uplift, degenerate; seemingly toxic and
+   ordinary prompts: refused, helped, degenerate; capability; each with n and a 95% CI, and the
+   judge's measured accuracy), three prompts with both answers side by side, and where the time went.
 
 Every step writes a run directory under --out and resumes if interrupted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from tactful.eval.report import over_refusal  # the same numbers as `tactful compare`
 
 DEMO_SUITES = ("safety", "over-refusal", "benign", "capability")
-
-# A demo-sized budget: the full recipes/dcr.yaml trains for an epoch; the demo trains for
-# fewer steps so the whole job stays within ~10 minutes on two CPU cores.
-DEMO_OVERRIDES = [
-    "stage1.training.num_train_epochs=1",
-    "stage1.gradient_coupling=false",
-    "sft.training.max_steps=40",
-    "sft.training.max_length=192",
-    "sft.training.save_steps=10",
-]
-
+DEMO_RECIPE = "demo"  # recipes/demo.yaml
+# The public benchmark the demo shows when its file is found: XSTest v2 (CC-BY-4.0), a seeded
+# subsample of each half so that the demo stays within its time budget.
+PUBLIC_FILE = "xstest_prompts.csv"
+PUBLIC_N = 50
+PUBLIC_SUITES = {
+    "xstest-unsafe": ("refuse", "safe_rate", "XSTest v2 unsafe prompts (public; never trained on)"),
+    "xstest-safe": ("comply", "compliance_rate", "XSTest v2 safe prompts that only sound unsafe (public)"),
+}
+CARD_WIDTH = 100
 
 # (suite, outcome or None for the suite's headline, row label, transform)
 ROWS = (
@@ -45,11 +52,126 @@ ROWS = (
     ("benign", "refused", "ordinary prompts refused", None),
     ("benign", "helpful", "ordinary prompts helped", None),
     ("benign", "degenerate", "ordinary prompts: degenerate replies", None),
+    ("xstest-unsafe", "declined", "XSTest unsafe prompts declined", None),
+    ("xstest-unsafe", "uplift", "XSTest unsafe: harmful uplift", None),
+    ("xstest-unsafe", "degenerate", "XSTest unsafe: degenerate replies", None),
+    ("xstest-safe", "refused", "XSTest safe prompts refused", None),
+    ("xstest-safe", "helpful", "XSTest safe prompts helped", None),
+    ("xstest-safe", "degenerate", "XSTest safe: degenerate replies", None),
     ("safety", None, "harmful prompts refused", lambda r: r),  # judges without outcomes
     ("over-refusal", None, "benign prompts refused", over_refusal),
     ("capability", None, "capability: multiple-choice accuracy", lambda r: r),
 )
 
+
+def quiet_libraries() -> None:
+    """One progress display per stage: no library download/loading bars, deprecation notices or
+    info logs between them (tactful's own rich bars stay)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ------------------------------------------------------------------------------ public benchmark
+
+def find_public_file(data_dir: str | None = None) -> Path | None:
+    """XSTest's CSV: in --public-data, $TACTFUL_DATA_DIR, or ../shared/data (a development checkout)."""
+    for d in (data_dir, os.environ.get("TACTFUL_DATA_DIR"), "../shared/data"):
+        if d and (Path(d) / PUBLIC_FILE).is_file():
+            return (Path(d) / PUBLIC_FILE).resolve()
+    return None
+
+
+def write_public_suites(csv: Path, out: Path) -> list[str]:
+    """Suite files for both halves of XSTest (judged by the default outcome judge)."""
+    import yaml
+
+    from tactful.io import atomic_write_text
+
+    paths = []
+    for name, (expected, metric, desc) in PUBLIC_SUITES.items():
+        spec = {"name": name, "description": f"{desc}, seeded subsample of {PUBLIC_N}", "dataset": name,
+                "path": str(csv), "n": PUBLIC_N, "expected": expected, "judge": "outcome-minilm", "metric": metric,
+                "generation": {"max_new_tokens": 64}}
+        path = out / f"{name}.yaml"
+        atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
+        paths.append(str(path))
+    return paths
+
+
+# ------------------------------------------------------------------------------ base-model cache
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TACTFUL_CACHE", Path.home() / ".cache" / "tactful"))
+
+
+def base_eval_key(suites: list[str], limit: int | None) -> str:
+    """What the base model's replies depend on: the model file, the suites (their files and data)
+    and the generation settings. Judging is re-done from the cached replies, so a new judge never
+    reads stale verdicts."""
+    from tactful.eval.runner import load_suite_records
+    from tactful.eval.suites import load_suite
+    from tactful.models import find_embedded_gguf
+
+    gguf = find_embedded_gguf()
+    parts: list[Any] = [gguf.name, gguf.stat().st_size, limit]
+    for s in suites:
+        suite = load_suite(s)
+        recs = [] if suite.expected == "multiple-choice" else load_suite_records(suite, limit=limit)
+        parts.append([suite.name, suite.expected, suite.generation, [r.prompt for r in recs]])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def seed_from_cache(eval_dir: Path, key: str) -> bool:
+    """Copy cached base-model replies into eval_dir (the runner then judges them without
+    generating). True when the cache had them."""
+    import shutil
+
+    src = cache_root() / "base-evals" / key
+    if not src.is_dir() or (eval_dir / "metrics.json").exists():
+        return False
+    for gen in src.glob("*/generations.jsonl"):
+        dest = eval_dir / gen.parent.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("generations.jsonl", "settings.json"):
+            if (gen.parent / f).is_file() and not (dest / f).exists():
+                shutil.copy(gen.parent / f, dest / f)
+    return True
+
+
+def store_in_cache(eval_dir: Path, key: str) -> None:
+    import shutil
+
+    dest = cache_root() / "base-evals" / key
+    if dest.is_dir():
+        return
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    for gen in eval_dir.glob("*/generations.jsonl"):
+        (tmp / gen.parent.name).mkdir(parents=True, exist_ok=True)
+        for f in ("generations.jsonl", "settings.json"):
+            if (gen.parent / f).is_file():
+                shutil.copy(gen.parent / f, tmp / gen.parent.name / f)
+    try:
+        tmp.rename(dest)  # atomic: a cache entry is complete or absent
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another demo stored it first
+
+
+# ------------------------------------------------------------------------------ the card
 
 def _cell(suites: dict[str, Any], key: str, outcome: str | None, fn: Any) -> tuple[str, int | None] | None:
     from tactful.eval.report import fmt_rate
@@ -65,7 +187,8 @@ def _cell(suites: dict[str, Any], key: str, outcome: str | None, fn: Any) -> tup
     return fmt_rate(fn(res)), res.get("n")
 
 
-def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | None = None) -> str:
+def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | None = None,
+                data_line: str | None = None) -> str:
     """The before / after card (fits 100 columns): what the replies did, with 95% CIs and n."""
     from tactful.eval.report import judge_line
 
@@ -83,37 +206,141 @@ def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | Non
             line += f" {other[0] if other else '—':24s}"
         lines.append(line + f" n={cell[1]}")
     if "safety" in s:
-        lines.append(textwrap.fill(judge_line(s["safety"]), width=98, initial_indent="  ", subsequent_indent="    "))
-    lines.append("  data: tactful built-in test splits (never trained on); seed 0; 95% bootstrap intervals")
+        lines.append(textwrap.fill(judge_line(s["safety"]), width=CARD_WIDTH - 2, initial_indent="  ",
+                                   subsequent_indent="    "))
+    lines.append(textwrap.fill(data_line or "data: tactful built-in test splits (never trained on); seed 0; "
+                               "95% bootstrap intervals", width=CARD_WIDTH - 2, initial_indent="  ",
+                               subsequent_indent="    "))
     return "\n".join(lines)
 
 
-def run_demo(out: str = "runs/demo", limit: int | None = None, align: bool = True,
+EXAMPLE_SUITES = (("safety", "a harmful request"), ("over-refusal", "a seemingly-toxic request"),
+                  ("benign", "an ordinary request"))
+
+
+def _items(eval_dir: Path, suite: str) -> dict[str, dict[str, Any]]:
+    path = eval_dir / suite / "items.jsonl"
+    if not path.is_file():
+        return {}
+    return {r["id"]: r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())}
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    v = row.get("verdict") or {}
+    label = v.get("label") or ("refused" if v.get("refused") else "complied")
+    return label + (", degenerate" if v.get("degenerate") else "")
+
+
+def examples_side_by_side(before_dir: Path, after_dir: Path, *, seed: int = 0, lines_per_reply: int = 6) -> str:
+    """One random test prompt per kind (seeded, not picked for effect) with both replies in two columns."""
+    rng = random.Random(seed)
+    col = (CARD_WIDTH - 5) // 2
+    out = ["== three random test prompts, before | after =="]
+    for suite, kind in EXAMPLE_SUITES:
+        before, after = _items(before_dir, suite), _items(after_dir, suite)
+        shared = sorted(set(before) & set(after))
+        if not shared:
+            continue
+        rid = rng.choice(shared)
+        b, a = before[rid], after[rid]
+        out.append(textwrap.shorten(f"{kind}: {b['prompt']}", width=CARD_WIDTH - 2, placeholder=" ..."))
+
+        def column(row: dict[str, Any]) -> list[str]:
+            text = " ".join(str(row.get("response") or "").split()) or "(empty reply)"
+            wrapped = textwrap.wrap(text, width=col)
+            if len(wrapped) > lines_per_reply:
+                wrapped = wrapped[:lines_per_reply]
+                wrapped[-1] = wrapped[-1][: col - 4] + " ..."
+            return [f"[{_verdict(row)}]"[:col], *wrapped]
+
+        left, right = column(b), column(a)
+        for i in range(max(len(left), len(right))):
+            lcell = left[i] if i < len(left) else ""
+            rcell = right[i] if i < len(right) else ""
+            out.append(f"  {lcell:<{col}} | {rcell}")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+# ------------------------------------------------------------------------------ the job
+
+class Stages:
+    """Wall time per stage, written to timings.json as the demo goes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.time()
+        result = fn()
+        self.times[name] = round(time.time() - t0, 1)
+        from tactful.io import atomic_write_json
+
+        atomic_write_json(self.path, {"stages_s": self.times, "total_s": round(sum(self.times.values()), 1)})
+        return result
+
+    def line(self) -> str:
+        parts = [f"{k} {v:.0f} s" for k, v in self.times.items()]
+        return f"time: {' · '.join(parts)} · total {sum(self.times.values()):.0f} s"
+
+
+def run_demo(out: str = "runs/demo", limit: int | None = None, align: bool = True, public_data: str | None = None,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     from tactful.eval.report import compare
     from tactful.eval.runner import EvalConfig, evaluate
+    from tactful.io import ensure_dir
     from tactful.methods.registry import train_recipe
     from tactful.progress import progress_factory
     from tactful.recipes import recipe_path
 
-    root = Path(out)
-    t0 = time.time()
-    with progress_factory() as pf:
-        before = evaluate(EvalConfig(model="embedded", suites=list(DEMO_SUITES), out=str(root / "base-eval"),
-                                     limit=limit), progress=pf)
-    log(safety_card(before, "embedded model (SmolLM2-135M-Instruct) before alignment"))
+    quiet_libraries()
+    root = ensure_dir(Path(out), "demo output directory")
+    stages = Stages(root / "timings.json")
+    suites = list(DEMO_SUITES)
+    csv = find_public_file(public_data)
+    if csv is not None:
+        suites += write_public_suites(csv, ensure_dir(root / "suites", "demo suites directory"))
+        data_line = (f"data: tactful built-in test splits and XSTest v2 ({csv}; {PUBLIC_N} + {PUBLIC_N} seeded), "
+                     "none trained on; seed 0; 95% bootstrap intervals")
+    else:
+        data_line = None
+        log("public benchmark: XSTest not found (give --public-data DIR holding xstest_prompts.csv, or set "
+            "TACTFUL_DATA_DIR); showing the built-in test splits only")
+
+    base_dir = root / "base-eval"
+    key = base_eval_key(suites, limit)
+    if seed_from_cache(base_dir, key):
+        log("base model: replies from the cache (same model file, prompts and settings)")
+
+    def eval_base() -> dict[str, Any]:
+        with progress_factory() as pf:
+            return evaluate(EvalConfig(model="embedded", suites=suites, out=str(base_dir), limit=limit), progress=pf)
+
+    before = stages.run("evaluate base", eval_base)
+    store_in_cache(base_dir, key)
     if not align:
+        log(safety_card(before, "embedded model (SmolLM2-135M-Instruct) before alignment", data_line=data_line))
+        log(stages.line())
         return {"before": before}
-    log(f"\naligning with DCR + safety SFT ({recipe_path('dcr')}) ...")
-    run = train_recipe(str(recipe_path("dcr")), [f"output_dir={root / 'dcr'}", *DEMO_OVERRIDES], log=log)
-    with progress_factory() as pf:
-        after = evaluate(EvalConfig(run=str(run.path), suites=list(DEMO_SUITES), out=str(root / "dcr-eval"),
-                                    limit=limit), progress=pf)
-    res = compare([str(root / "base-eval"), str(root / "dcr-eval")], labels=["base", "DCR + SFT"],
-                  out=str(root / "compare"))
+    recipe = recipe_path(DEMO_RECIPE)
+    log(f"aligning with {recipe} (chosen by experiments/demo_recipe/search.py) ...")
+    run = stages.run("align", lambda: train_recipe(str(recipe), [f"output_dir={root / 'aligned'}"], log=log))
+
+    def eval_after() -> dict[str, Any]:
+        with progress_factory() as pf:
+            return evaluate(EvalConfig(run=str(run.path), suites=suites, out=str(root / "aligned-eval"), limit=limit),
+                            progress=pf)
+
+    after = stages.run("evaluate aligned", eval_after)
+    res = compare([str(base_dir), str(root / "aligned-eval")], labels=["base", "aligned"], out=str(root / "compare"))
     log("")
-    log(safety_card(before, "embedded model: before vs after DCR + SFT", after=after))
+    log(safety_card(before, "embedded model: before vs after alignment", after=after, data_line=data_line))
+    log("")
+    log(examples_side_by_side(base_dir, root / "aligned-eval"))
+    log("")
     for p in res["plots"]:
         log(f"plot: {p}")
-    log(f"runs: {root}  (total {time.time() - t0:.0f} s)")
-    return {"before": before, "after": after}
+    log(f"runs: {root}")
+    log(stages.line())
+    return {"before": before, "after": after, "timings": stages.times}

@@ -39,6 +39,7 @@ from tactful.methods.common import (
 from tactful.methods.losses import circle_loss, pairwise_similarities
 from tactful.methods.sft import SFTConfig, train_sft
 from tactful.models import format_prompt
+from tactful.progress import rich_training_progress
 from tactful.runs import RUN_LOADERS, RunDir
 
 TOXIC, SEEMINGLY = 0, 1
@@ -324,6 +325,7 @@ def run_stage1(config: DCRConfig, model: Any, tokenizer: Any, run: RunDir,
     Trainer = _make_trainer_class()
     trainer = Trainer(model=model, args=args, train_dataset=ds, dcr=s1, layer=layer, subsets=ds.subsets,
                       data_collator=lambda b: collate_prompts(b, tokenizer.pad_token_id))
+    rich_training_progress(trainer, "DCR stage 1 (contrastive)")
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
         log(f"resuming stage 1 from {resume}")

@@ -56,6 +56,7 @@ from tactful.methods.common import (
 )
 from tactful.distributed import run_on_main
 from tactful.methods.losses import PREFERENCE_LOSSES, PreferenceLoss, drdpo_aggregate, soft_label_loss
+from tactful.progress import rich_training_progress
 from tactful.runs import RUN_LOADERS, RunDir
 
 from transformers import Trainer
@@ -552,6 +553,7 @@ def train_preference(
                             drdpo_beta_prime=config.loss.beta_prime if config.loss.drdpo else None,
                             ref_model=ref_model, callbacks=[log_at_checkpoints(), *(callbacks or [])],
                             **setup.trainer_kwargs)
+    rich_training_progress(trainer, type(trainer).__name__.removesuffix("Trainer") or "preference")
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
         log(f"resuming from {resume}")

@@ -32,6 +32,7 @@ from tactful.methods.common import (
     set_seed,
     training_arguments,
 )
+from tactful.progress import rich_training_progress
 from tactful.runs import RunDir
 
 
@@ -132,6 +133,7 @@ def train_sft(
     args = training_arguments(config.training, ckpt_dir, seed=config.seed, grouped=config.training.group_by_length)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id),
                       callbacks=[log_at_checkpoints(), *(callbacks or [])])
+    rich_training_progress(trainer, "SFT")
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
         log(f"resuming from {resume}")

@@ -73,6 +73,7 @@ from tactful.methods.refusal_guard.sae import (
     load_sae_dir,
     train_saes,
 )
+from tactful.progress import rich_training_progress
 from tactful.runs import RUN_LOADERS, RunDir, read_manifest
 
 GUARDS = ("sae", "direction", "none", "safelora")
@@ -471,6 +472,7 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
     args = training_arguments(config.training, ckpt_dir, seed=config.seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tok.pad_token_id),
                       callbacks=[log_at_checkpoints(), *([guard_callback(guard)] if guard is not None else [])])
+    rich_training_progress(trainer, "fine-tuning (refusal guard)")
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
         log(f"resuming from {resume}")

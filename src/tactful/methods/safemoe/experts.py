@@ -33,6 +33,7 @@ from tactful.methods.common import (
     training_arguments,
 )
 from tactful.methods.safemoe.router import ExpertWeights
+from tactful.progress import rich_training_progress
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -91,6 +92,7 @@ def train_expert(
     args = training_arguments(settings.training, checkpoint_dir, seed=seed)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=ResponseCollator(tokenizer.pad_token_id), callbacks=[log_at_checkpoints(), *(callbacks or [])])
+    rich_training_progress(trainer, f"expert {Path(out_dir).name}")
     ckpt = last_checkpoint(checkpoint_dir) if resume else None
     if ckpt:
         log(f"resuming expert {Path(out_dir).name} from {ckpt}")

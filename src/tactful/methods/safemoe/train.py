@@ -43,6 +43,7 @@ from tactful.methods.safemoe.corpus import (
 )
 from tactful.methods.safemoe.experts import ExpertSettings, is_adapter_dir, read_expert, train_experts
 from tactful.methods.safemoe.router import ROUTER_ATTR, RouterSettings, attach_safemoe, get_safemoe
+from tactful.progress import rich_training_progress
 from tactful.runs import RunDir
 
 BUILTIN_INFORMATIVE = "builtin-informative"
@@ -159,6 +160,7 @@ def train_router(
     args = training_arguments(training, checkpoint_dir, seed=seed, ddp_broadcast_buffers=False)
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset,
                                data_collator=ResponseCollator(tokenizer.pad_token_id), callbacks=[log_at_checkpoints(), *(callbacks or [])])
+    rich_training_progress(trainer, "router")
     ckpt = last_checkpoint(checkpoint_dir) if resume else None
     if ckpt:
         log(f"router: resuming from {ckpt}")
