@@ -236,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
 
     naive_ids, w, c = timed(naive_loop, model, tok, PROMPTS, args.max_new_tokens, stop)
     naive = record("naive: model.generate, one prompt at a time", naive_ids, w, c)
+    # One batch at a time on all intra-op threads (the previous default) against batches side by
+    # side, one thread each (the default since; see HFGenerator's `workers`).
+    ids, w, c = timed(HFGenerator(model, tok, workers=1).generate_ids, PROMPTS, cfg)
+    record(f"HFGenerator, batch {args.batch_size}, 1 worker x {torch.get_num_threads()} threads", ids, w, c)
     ours_ids, w, c = timed(gen.generate_ids, PROMPTS, cfg)
-    ours = record(f"HFGenerator, batch {args.batch_size}", ours_ids, w, c)
+    ours = record(f"HFGenerator, batch {args.batch_size}, {gen._workers(len(PROMPTS))} workers x 1 thread",
+                  ours_ids, w, c)
     agree = agreement(naive_ids, ours_ids, gen.decode)
 
     if args.sweep:

@@ -35,7 +35,7 @@ def test_examples_side_by_side_fit_100_columns_and_are_seeded(tmp_path):
 
 
 def test_base_replies_cached_by_key_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("TACTFUL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TACTFUL_HOME", str(tmp_path / "cache"))
     first = tmp_path / "run1" / "base-eval"
     (first / "safety").mkdir(parents=True)
     (first / "safety" / "generations.jsonl").write_text('{"id": "x", "prompt": "p", "response": "r"}\n')

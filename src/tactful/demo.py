@@ -115,10 +115,6 @@ def write_public_suites(csv: Path, out: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------ base-model cache
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TACTFUL_CACHE", Path.home() / ".cache" / "tactful"))
-
-
 def base_eval_key(suites: list[str], limit: int | None) -> str:
     """What the base model's replies depend on: the model file, the suites (their files and data)
     and the generation settings. Judging is re-done from the cached replies, so a new judge never
@@ -141,7 +137,9 @@ def seed_from_cache(eval_dir: Path, key: str) -> bool:
     generating). True when the cache had them."""
     import shutil
 
-    src = cache_root() / "base-evals" / key
+    from tactful.models import tactful_home
+
+    src = tactful_home() / "base-evals" / key
     if not src.is_dir() or (eval_dir / "metrics.json").exists():
         return False
     for gen in src.glob("*/generations.jsonl"):
@@ -156,7 +154,9 @@ def seed_from_cache(eval_dir: Path, key: str) -> bool:
 def store_in_cache(eval_dir: Path, key: str) -> None:
     import shutil
 
-    dest = cache_root() / "base-evals" / key
+    from tactful.models import tactful_home
+
+    dest = tactful_home() / "base-evals" / key
     if dest.is_dir():
         return
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
