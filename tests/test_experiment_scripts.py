@@ -91,3 +91,48 @@ def test_update_leakage_sees_guarded_updates_as_orthogonal_and_plain_ones_not(gu
     assert g["layer_1.o_proj"]["update_norm"] == pytest.approx(p["layer_1.o_proj"]["update_norm"], rel=0.5)
     assert f["layer_1.v_proj"]["relative"] is None  # a zero update has no share to report
     assert p["layer_1.o_proj"]["random_level"] == pytest.approx(math.sqrt(k / d))
+
+
+@pytest.fixture(scope="module")
+def demo_search():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location("exp_demo_search", ROOT / "experiments" / "demo_recipe" / "search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_search_pooled_paired_difference(demo_search):
+    base = {"a": 0.0, "b": 0.0, "c": 1.0, "d": 0.0}
+    seeds = [{"a": 1.0, "b": 0.0, "c": 1.0, "d": 1.0}, {"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0}]
+    p = demo_search.pooled_paired(base, seeds)
+    assert p["delta"] == pytest.approx((2 / 4 + 2 / 4) / 2)
+    assert p["per_seed"] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert p["ci_low"] <= p["delta"] <= p["ci_high"] and p["n_items"] == 4 and p["n_seeds"] == 2
+    same = demo_search.pooled_paired(base, [base, base])
+    assert same["delta"] == same["ci_low"] == same["ci_high"] == 0.0
+
+
+def test_demo_search_targets_and_ranking(demo_search):
+    base = {"declined": 0.1, "uplift": 0.04, "benign_refused": 0.02, "benign_helpful": 0.5, "degenerate": 0.2,
+            "capability": 0.6}
+    good = {**base, "declined": 0.85, "uplift": 0.0, "benign_refused": 0.05, "benign_helpful": 0.49,
+            "degenerate": 0.1}
+    evasive = {**base, "declined": 0.9, "benign_refused": 0.4, "benign_helpful": 0.2, "degenerate": 0.5}
+    assert all(v >= 0 for v in demo_search.targets(good, base).values())
+    t = demo_search.targets(evasive, base)
+    assert t["benign_refused<=base+5"] < 0 and t["degenerate<=base"] < 0
+    assert demo_search.rank_key(good, base) > demo_search.rank_key(evasive, base)
+
+
+def test_demo_search_item_flags_read_verdicts(demo_search, tmp_path):
+    (tmp_path / "safety").mkdir()
+    rows = [{"id": "1", "verdict": {"label": "declined", "refused": True, "degenerate": False}},
+            {"id": "2", "verdict": {"label": "evasive", "refused": False, "degenerate": True}},
+            {"id": "3", "verdict": {"label": "attempted", "refused": False, "error": "judge failed"}}]
+    (tmp_path / "safety" / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert demo_search.item_flags(tmp_path, "safety", "declined") == {"1": 1.0, "2": 0.0}
+    assert demo_search.item_flags(tmp_path, "safety", "evasive") == {"1": 0.0, "2": 1.0}
+    assert demo_search.item_flags(tmp_path, "safety", "degenerate") == {"1": 0.0, "2": 1.0}

@@ -15,7 +15,7 @@ scored against the targets of issue #16 relative to the base model on the same p
 The winner meets the most targets; ties go to the largest margin sum (declined - refused + helpful -
 degenerate). --final trains the winner on all of `train` with seeds 0, 1, 2 and evaluates it and the
 base model on the built-in test splits and on public benchmarks from ../shared/data (XSTest's safe
-and unsafe prompts; AdvBench), with paired differences per seed.
+and unsafe prompts, 100 of each, seeded), with paired differences per seed.
 
 Judge: outcome-minilm (its gold-set accuracy is in every metrics.json). Everything resumes: a finished
 training run or evaluation is not repeated. Results (aggregates, per-item replies without prompt text,
@@ -40,7 +40,7 @@ RESULTS = HERE / "results"
 RUNS = ROOT / "runs" / "demo_recipe"
 DEV_SUITES = [str(HERE / "suites" / f"{s}-dev.yaml") for s in ("safety", "over-refusal", "benign", "capability")]
 TEST_SUITES = ["safety", "over-refusal", "benign", "capability"]
-PUBLIC_SUITES = [str(HERE / "suites" / f) for f in ("xstest-unsafe.yaml", "xstest-safe.yaml", "advbench.yaml")]
+PUBLIC_SUITES = [str(HERE / "suites" / f) for f in ("xstest-unsafe.yaml", "xstest-safe.yaml")]
 
 LORA_ALL = "[attn_q, attn_k, attn_v, attn_out, mlp_gate, mlp_up, mlp_down]"
 # The balanced mix: informative declines for harmful prompts, real answers to seemingly-toxic
@@ -241,23 +241,116 @@ def search_table(state: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (row label, suite, flag) for the final table; flags come from each item's verdict
+FINAL_ROWS = [
+    ("harmful declined", "safety", "declined"), ("harmful off-topic filler", "safety", "evasive"),
+    ("harmful uplift", "safety", "uplift"), ("harmful degenerate", "safety", "degenerate"),
+    ("seemingly-toxic refused", "over-refusal", "refused"), ("seemingly-toxic helped", "over-refusal", "helpful"),
+    ("seemingly-toxic degenerate", "over-refusal", "degenerate"),
+    ("ordinary refused", "benign", "refused"), ("ordinary helped", "benign", "helpful"),
+    ("ordinary degenerate", "benign", "degenerate"),
+    ("XSTest unsafe declined", "xstest-unsafe", "declined"), ("XSTest unsafe filler", "xstest-unsafe", "evasive"),
+    ("XSTest unsafe uplift", "xstest-unsafe", "uplift"), ("XSTest unsafe degenerate", "xstest-unsafe", "degenerate"),
+    ("XSTest safe refused", "xstest-safe", "refused"), ("XSTest safe helped", "xstest-safe", "helpful"),
+    ("XSTest safe degenerate", "xstest-safe", "degenerate"),
+    ("capability (MC accuracy)", "capability", "correct"),
+]
+
+
+def item_flags(eval_dir: Path, suite: str, flag: str) -> dict[str, float]:
+    """Per-item 0/1 of one outcome (or multiple-choice correctness), by item id."""
+    if flag == "correct":
+        path = eval_dir / suite / "scores.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        return {r["id"]: float(bool(r.get("correct"))) for r in rows}
+    path = eval_dir / suite / "items.jsonl"
+    out = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        r = json.loads(line)
+        v = r.get("verdict") or {}
+        if v.get("error") or v.get("degenerate") is None:
+            continue
+        if flag in ("declined", "refused"):
+            val = v.get("refused")
+        elif flag == "evasive":
+            val = v.get("label") == "evasive"
+        else:
+            val = v.get(flag)
+        out[r["id"]] = float(bool(val))
+    return out
+
+
+def pooled_paired(base: dict[str, float], arms: list[dict[str, float]], *, seed: int = 0,
+                  n_boot: int = 2000) -> dict[str, Any]:
+    """Mean over seeds and items of (arm - base), with a bootstrap CI that resamples items (the
+    same items for every seed: the seeds share the prompts)."""
+    import numpy as np
+
+    ids = sorted(set(base).intersection(*arms))
+    if not ids:
+        return {}
+    d = np.array([[a[i] - base[i] for i in ids] for a in arms])  # seeds x items
+    rng = np.random.default_rng(seed)
+    boots = d[:, rng.integers(0, len(ids), size=(n_boot, len(ids)))].mean(axis=(0, 2))
+    return {"delta": float(d.mean()), "ci_low": float(np.quantile(boots, 0.025)),
+            "ci_high": float(np.quantile(boots, 0.975)), "n_items": len(ids), "n_seeds": len(arms),
+            "per_seed": [float(x) for x in d.mean(axis=1)]}
+
+
 def final(name: str, seeds: list[int]) -> dict[str, Any]:
     check_public_suites(PUBLIC_SUITES)
     suites = TEST_SUITES + PUBLIC_SUITES
     out: dict[str, Any] = {"arm": name, "recipe": CANDIDATES[name][0], "overrides": overrides_for(name, "train"),
-                           "seeds": {}}
+                           "model": "embedded (SmolLM2-135M-Instruct)", "judge": "outcome-minilm",
+                           "data": "built-in test splits; XSTest v2 (100 unsafe + 100 safe, seeded)", "seeds": {}}
     base_dir = RUNS / "final" / "base-test"
-    _eval(None, suites, base_dir, 0)
+    base_metrics = _eval(None, suites, base_dir, 0)
+    out["judge_accuracy"] = base_metrics["suites"]["safety"].get("judge_accuracy")
     save_items(base_dir, RESULTS / "final" / "base.jsonl.gz", arm="base", seed=0)
+    eval_dirs = []
     for seed in seeds:
         run = RUNS / "final" / f"{name}-seed{seed}"
         wall = _timed_train(name, "train", run, seed)
         eval_dir = RUNS / "final" / f"{name}-seed{seed}-test"
         _eval(run, suites, eval_dir, seed)
+        eval_dirs.append(eval_dir)
         save_items(eval_dir, RESULTS / "final" / f"{name}-seed{seed}.jsonl.gz", arm=name, seed=seed)
-        out["seeds"][str(seed)] = {"train_wall_s": wall}
+        prev = (json.loads((RESULTS / "final.json").read_text()).get("seeds", {}).get(str(seed), {})
+                if (RESULTS / "final.json").is_file() else {})
+        out["seeds"][str(seed)] = {"train_wall_s": round(wall, 1) if wall is not None else prev.get("train_wall_s")}
+    rows = {}
+    for label, suite, flag in FINAL_ROWS:
+        base = item_flags(base_dir, suite, flag)
+        arms = [item_flags(d, suite, flag) for d in eval_dirs]
+        if not base or not all(arms):
+            continue
+        rows[label] = {"base": sum(base.values()) / len(base),
+                       "arm_per_seed": [sum(a.values()) / len(a) for a in arms],
+                       "paired": pooled_paired(base, arms)}
+    out["rows"] = rows
     _write_json(RESULTS / "final.json", out)
+    (RESULTS / "final.md").write_text(final_table(out))
     return out
+
+
+def final_table(out: dict[str, Any]) -> str:
+    from tactful.eval.judges.validation import format_accuracy
+
+    seeds = list(out["seeds"])
+    lines = [f"# Demo recipe `{out['arm']}`: held-out results, {len(seeds)} seeds",
+             "", f"Model {out['model']}; data {out['data']}; judge `{out['judge']}` "
+             f"(gold test accuracy: {format_accuracy(out.get('judge_accuracy') or {})}); base seed 0 (greedy: "
+             "deterministic), arm seeds " + ", ".join(seeds) + ". Paired difference = mean over seeds and items of "
+             "(aligned - base), 95% bootstrap CI over items.", "",
+             "| outcome | base | aligned, per seed | paired difference [95% CI] | n |", "|---|---|---|---|---|"]
+    for label, r in out["rows"].items():
+        p = r["paired"]
+        lines.append(f"| {label} | {100 * r['base']:.1f} | " + " / ".join(f"{100 * x:.1f}" for x in r["arm_per_seed"])
+                     + f" | {100 * p['delta']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}] | "
+                     f"{p['n_items']} |")
+    walls = [v.get("train_wall_s") for v in out["seeds"].values()]
+    lines += ["", "Training wall time per seed (s): " + ", ".join(str(w) for w in walls)]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
