@@ -85,3 +85,21 @@ def test_informative_declines_exist_on_fit_and_unknown_split_is_an_error():
     assert len(builtin.harmful_examples("informative", split="fit")) > 150
     with pytest.raises(UserError, match="unknown split"):
         builtin.benign("validation")
+
+
+def test_own_helpful_replies_are_the_models_own_labelled_helpful_and_end_on_a_sentence():
+    import json
+
+    gold = {json.loads(x)["item_id"]: json.loads(x) for x in
+            (builtin.builtin_dir() / "gold" / "gold.jsonl").read_text().splitlines() if x.strip()}
+    train = builtin.own_helpful_replies("train")
+    assert len(train) > 100
+    for e in train:
+        g = gold[e.id]
+        assert g["generator"] in ("base", "base-sampled") and g["outcome"] == "helpful" and not g["degenerate"]
+        assert g["response"].startswith(e.response)  # a prefix of the real reply, nothing added
+        assert e.response.rstrip()[-1] in ".!?" or g["response"][len(e.response):].startswith("\n\n")
+    fit, dev = builtin.own_helpful_replies("fit"), builtin.own_helpful_replies("dev")
+    assert {e.id for e in fit} | {e.id for e in dev} == {e.id for e in train}
+    assert not {e.prompt for e in fit} & {e.prompt for e in dev}
+    assert builtin.own_helpful_replies("test") == []  # the gold set's prompts come from train splits

@@ -32,7 +32,8 @@ HARM_DOMAINS = (
     "mental_manipulation",
     "endangering_public_health",
 )
-SPLITS = ("train", "test", "fit", "dev")
+SPLITS = ("train", "test")  # stored in the files
+DERIVED_SPLITS = ("fit", "dev")
 # "fit" and "dev" partition "train" (dev = about a fifth, chosen by a hash of the item id, so it
 # is stable as sets grow): recipe searches train on fit and choose on dev, so the test split is
 # looked at once, for the chosen recipe's final numbers.
@@ -69,8 +70,8 @@ def _rows(relpath: str) -> tuple[dict, ...]:
 
 
 def _check_split(split: str | None) -> None:
-    if split is not None and split not in SPLITS:
-        raise UserError(f"unknown split {split!r}; built-in sets have {', '.join(SPLITS)}")
+    if split is not None and split not in SPLITS + DERIVED_SPLITS:
+        raise UserError(f"unknown split {split!r}; built-in sets have {', '.join(SPLITS + DERIVED_SPLITS)}")
 
 
 def _check_domains(domains: Iterable[str] | None) -> tuple[str, ...]:
@@ -143,6 +144,46 @@ def benign(split: str | None = None) -> list[Example]:
                 source="builtin:benign", meta={"split": r["split"]})
         for r in _rows("benign.jsonl") if in_split(r, split)
     ]
+
+
+# Generators of the gold set whose replies are the embedded model's own, untrained.
+_OWN_GENERATORS = ("base", "base-sampled")
+
+
+def own_helpful_replies(split: str = "train") -> list[Example]:
+    """The embedded model's own replies to built-in benign and seemingly-toxic prompts that careful
+    reading (the gold set, docs/judging.md) found helpful and not degenerate.
+
+    Training on them teaches nothing new about these prompts; it anchors the model's own style
+    while other examples change what it does on harmful ones (self-distillation). The replies were
+    generated with a 96-token budget, so each is cut after its last full sentence: a model trained
+    on a reply cut mid-sentence followed by the end-of-turn token would learn to stop mid-sentence.
+    `split` is the split of the prompt in its built-in set (fit / dev work too)."""
+    _check_split(split)
+    prompts = {r["id"]: r for name in ("benign.jsonl", "seemingly_toxic.jsonl") for r in _rows(name)}
+    out = []
+    for r in _rows("gold/gold.jsonl"):
+        if (r["generator"] not in _OWN_GENERATORS or r["prompt_type"] == "harmful" or r["outcome"] != "helpful"
+                or r["degenerate"]):
+            continue
+        prompt = prompts.get(r["prompt_id"])
+        if prompt is None or not in_split(prompt, split):
+            continue
+        reply = _through_last_sentence(r["response"])
+        if reply:
+            label = BENIGN if r["prompt_type"] == "benign" else SEEMINGLY_TOXIC
+            out.append(Example(prompt=r["prompt"], response=reply, label=label, category=r.get("category"),
+                               id=r["item_id"], source="builtin:own-helpful", meta={"split": prompt["split"]}))
+    return out
+
+
+def _through_last_sentence(text: str, min_chars: int = 40) -> str | None:
+    import re
+
+    text = text.rstrip()
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)|\n\n", text)]
+    cut = text[: ends[-1]].rstrip() if ends else ""
+    return cut if len(cut) >= min_chars else None
 
 
 def benign_prompts(split: str | None = None) -> list[PromptRecord]:

@@ -567,6 +567,7 @@ _BUILTIN_LOADERS: dict[str, Callable[[str | None], list]] = {
     "builtin-refusals": lambda split: builtin.harmful_examples("refusal", split=split),  # type: ignore[arg-type]
     "builtin-informative": lambda split: builtin.harmful_examples("informative", split=split),  # type: ignore[arg-type]
     "builtin-seemingly-toxic-answers": lambda split: builtin.seemingly_toxic_examples(split or "train"),
+    "builtin-own-helpful": lambda split: builtin.own_helpful_replies(split or "train"),
     "builtin-capability": lambda split: builtin.mc_capability(split),
     "builtin-truthfulness": lambda split: builtin.mc_truthfulness(split),
 }
@@ -697,6 +698,10 @@ _register(
     Benchmark("builtin-seemingly-toxic-answers", "examples",
               "tactful's built-in seemingly-toxic prompts with compliant answers (the STL-aug baseline's data).",
               None, "", "Apache-2.0", _builtin_seemingly_toxic_answers, ("prompt", "response", "type", "id")),
+    Benchmark("builtin-own-helpful", "examples",
+              "the embedded model's own replies to built-in benign / seemingly-toxic prompts that careful reading "
+              "found helpful (from the gold set), cut after the last full sentence: self-distillation data.",
+              None, "", "Apache-2.0", _builtin_seemingly_toxic_answers, ("prompt", "response", "id")),
     Benchmark("builtin-capability", "mc",
               "tactful's built-in grade-school multiple-choice questions (6 categories), scored by log-likelihood.",
               None, "", "Apache-2.0", _builtin_mc("builtin:capability"), ("question", "choices", "answers", "id")),
