@@ -103,3 +103,14 @@ def test_own_helpful_replies_are_the_models_own_labelled_helpful_and_end_on_a_se
     assert {e.id for e in fit} | {e.id for e in dev} == {e.id for e in train}
     assert not {e.prompt for e in fit} & {e.prompt for e in dev}
     assert builtin.own_helpful_replies("test") == []  # the gold set's prompts come from train splits
+
+
+def test_declines_are_the_first_sentence_of_the_informative_answers():
+    inf = {e.id: e.response for e in builtin.harmful_examples("informative", split="train")}
+    dec = builtin.harmful_examples("decline", split="train")
+    assert len(dec) == len(inf)
+    for e in dec:
+        assert inf[e.id].startswith(e.response) and e.response[-1] in ".!?"
+        assert len(e.response) < len(inf[e.id])
+    with pytest.raises(UserError, match="unknown response kind"):
+        builtin.harmful_examples("polite")

@@ -103,15 +103,26 @@ def harmful_prompts(split: str | None = None, domains: Sequence[str] | None = No
 
 def harmful_examples(kind: str = "refusal", split: str = "train",
                      domains: Sequence[str] | None = None) -> list[Example]:
-    """Harmful prompts paired with a refusal (`kind="refusal"`) or a safe-but-informative answer
-    (`kind="informative"`). Only the train split has responses."""
-    if kind not in ("refusal", "informative"):
-        raise UserError(f"unknown response kind {kind!r}; choose refusal or informative")
+    """Harmful prompts paired with a refusal (`kind="refusal"`), a safe-but-informative answer
+    (`kind="informative"`) or a one-sentence decline (`kind="decline"`: the informative answer's
+    first sentence, which nearly always opens "I can't ..." / "I won't ..." — one consistent shape
+    that a small model learns without blending it into its other answers). Only the train split
+    has responses."""
+    if kind not in ("refusal", "informative", "decline"):
+        raise UserError(f"unknown response kind {kind!r}; choose refusal, informative or decline")
+    field_name = "informative" if kind == "decline" else kind
     return [
-        Example(prompt=r["prompt"], response=r[kind], label=HARMFUL, category=r["category"], id=r["id"],
-                source=f"builtin:harmful-{kind}", meta={"split": r["split"]})
-        for r in _harmful_rows(split, domains) if r.get(kind)
+        Example(prompt=r["prompt"], response=_first_sentence(r[field_name]) if kind == "decline" else r[field_name],
+                label=HARMFUL, category=r["category"], id=r["id"], source=f"builtin:harmful-{kind}",
+                meta={"split": r["split"]})
+        for r in _harmful_rows(split, domains) if r.get(field_name)
     ]
+
+
+def _first_sentence(text: str) -> str:
+    import re
+
+    return re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
 
 
 def seemingly_toxic(split: str | None = None) -> list[PromptRecord]:

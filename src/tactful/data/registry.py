@@ -567,6 +567,7 @@ _BUILTIN_LOADERS: dict[str, Callable[[str | None], list]] = {
     "builtin-refusals": lambda split: builtin.harmful_examples("refusal", split=split),  # type: ignore[arg-type]
     "builtin-informative": lambda split: builtin.harmful_examples("informative", split=split),  # type: ignore[arg-type]
     "builtin-seemingly-toxic-answers": lambda split: builtin.seemingly_toxic_examples(split or "train"),
+    "builtin-declines": lambda split: builtin.harmful_examples("decline", split=split),  # type: ignore[arg-type]
     "builtin-own-helpful": lambda split: builtin.own_helpful_replies(split or "train"),
     "builtin-capability": lambda split: builtin.mc_capability(split),
     "builtin-truthfulness": lambda split: builtin.mc_truthfulness(split),
@@ -698,6 +699,10 @@ _register(
     Benchmark("builtin-seemingly-toxic-answers", "examples",
               "tactful's built-in seemingly-toxic prompts with compliant answers (the STL-aug baseline's data).",
               None, "", "Apache-2.0", _builtin_seemingly_toxic_answers, ("prompt", "response", "type", "id")),
+    Benchmark("builtin-declines", "examples",
+              "tactful's built-in harmful prompts with a one-sentence decline (the informative answer's first "
+              "sentence).", None, "", "Apache-2.0", _builtin_harmful_examples("informative"),
+              ("prompt", "informative", "category", "id")),
     Benchmark("builtin-own-helpful", "examples",
               "the embedded model's own replies to built-in benign / seemingly-toxic prompts that careful reading "
               "found helpful (from the gold set), cut after the last full sentence: self-distillation data.",
