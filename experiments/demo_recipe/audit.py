@@ -49,9 +49,11 @@ def _items(eval_dir: Path) -> list[dict]:
     return rows
 
 
+DEMO_ARM = "sft-declines-anchors"  # the recipe recipes/demo.yaml runs
+
+
 def arms() -> dict[str, Path]:
-    final = json.loads((RESULTS / "final.json").read_text())
-    return {"base": RUNS / "final" / "base-test", "aligned": RUNS / "final" / f"{final['arm']}-seed0-test"}
+    return {"base": RUNS / "final" / "base-test", "aligned": RUNS / "final" / f"{DEMO_ARM}-seed0-test"}
 
 
 def batch(n: int, seed: int) -> None:
@@ -60,7 +62,7 @@ def batch(n: int, seed: int) -> None:
     for arm, d in arms().items():
         items = _items(d)
         if not items:
-            die(f"{d}: no evaluated items; run search.py --final first")
+            die(f"{d}: no evaluated items; run search.py --final --arm {DEMO_ARM} --seeds 0 first")
         for kind in OUTCOMES:
             pool = [it for it in items if it["kind"] == kind]
             for it in rng.sample(pool, min(n, len(pool))):

@@ -354,8 +354,8 @@ def final(name: str, seeds: list[int]) -> dict[str, Any]:
         _eval(run, suites, eval_dir, seed)
         eval_dirs.append(eval_dir)
         save_items(eval_dir, RESULTS / "final" / f"{name}-seed{seed}.jsonl.gz", arm=name, seed=seed)
-        prev = (json.loads((RESULTS / "final.json").read_text()).get("seeds", {}).get(str(seed), {})
-                if (RESULTS / "final.json").is_file() else {})
+        prev_path = RESULTS / f"final-{name}.json"
+        prev = (json.loads(prev_path.read_text()).get("seeds", {}).get(str(seed), {}) if prev_path.is_file() else {})
         out["seeds"][str(seed)] = {"train_wall_s": round(wall, 1) if wall is not None else prev.get("train_wall_s")}
     rows = {}
     for label, suite, flag in FINAL_ROWS:
@@ -367,8 +367,8 @@ def final(name: str, seeds: list[int]) -> dict[str, Any]:
                        "arm_per_seed": [sum(a.values()) / len(a) for a in arms],
                        "paired": pooled_paired(base, arms)}
     out["rows"] = rows
-    _write_json(RESULTS / "final.json", out)
-    (RESULTS / "final.md").write_text(final_table(out))
+    _write_json(RESULTS / f"final-{name}.json", out)
+    (RESULTS / f"final-{name}.md").write_text(final_table(out))
     return out
 
 
@@ -396,7 +396,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--candidates", nargs="+", choices=sorted(CANDIDATES), default=list(CANDIDATES))
     ap.add_argument("--final", action="store_true", help="run the search's winner with --seeds on test + public")
-    ap.add_argument("--arm", choices=sorted(CANDIDATES), help="with --final: this arm instead of the winner")
+    ap.add_argument("--arm", choices=sorted(CANDIDATES), help="with --final: this arm instead of the search's winner")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a = ap.parse_args()
     if a.final:
