@@ -63,14 +63,6 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
                                    "data.extra=[builtin-seemingly-toxic-answers]", "data.split={split}", *FAST,
                                    "training.max_steps=40"],
                       "as sft-mix with one-line refusals instead of informative declines"),
-    "sft-mix-lr1e-4": ("sft.yaml", [*MIX, "data.split={split}", *FAST, "training.max_steps=40",
-                                    "training.learning_rate=1.0e-4"],
-                       "as sft-mix at half the learning rate"),
-    "sft-mix-top": ("sft.yaml", [*MIX, "data.split={split}", *FAST, "training.max_steps=40",
-                                 f"lora.layers=[{', '.join(str(i) for i in range(15, 30))}]"],
-                    "as sft-mix with LoRA on the top 15 of 30 layers only (backward stops halfway: cheaper)"),
-    "sft-mix-80": ("sft.yaml", [*MIX, "data.split={split}", *FAST, "training.max_steps=80"],
-                   "as sft-mix for 80 steps"),
     "sft-mix-lr1e-3": ("sft.yaml", [*MIX, "data.split={split}", *FAST, "training.max_steps=40",
                                     "training.learning_rate=1.0e-3", "training.max_length=128"],
                        "as sft-mix at 5x the learning rate, examples cut at 128 tokens (the opening decides)"),
@@ -87,11 +79,6 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
                                     "data.harmful_fraction=0.5", "data.split={split}", *FAST,
                                     "training.max_steps=40", "training.learning_rate=5.0e-4"],
                        "as sft-own at 2.5x the learning rate"),
-    "sft-own-lr1e-3": ("sft.yaml", ["data.benign=[builtin-own-helpful]", "data.refusals=[builtin-refusals]",
-                                    "data.harmful_fraction=0.5", "data.split={split}", *FAST,
-                                    "training.max_steps=40", "training.learning_rate=1.0e-3",
-                                    "training.max_length=128"],
-                       "as sft-own at 5x the learning rate, examples cut at 128 tokens"),
     "sft-own-declines": ("sft.yaml", ["data.benign=[builtin-own-helpful]", "data.refusals=[builtin-declines]",
                                       "data.harmful_fraction=0.5", "data.split={split}", *FAST,
                                       "training.max_steps=40", "training.learning_rate=5.0e-4"],
@@ -110,11 +97,6 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
                                           "training.max_steps=40", "training.learning_rate=5.0e-4"],
                              "one-sentence declines with every benign anchor: the model's own helpful replies, the "
                              "built-in ordinary answers and seemingly-toxic answers"),
-    "dcr-mix": ("dcr.yaml", ["stage1.training.num_train_epochs=1", "stage1.gradient_coupling=false",
-                             "stage1.split={split}", "stage1.eval_split=dev",
-                             *[f"sft.{o}" for o in MIX], "sft.data.split={split}",
-                             *[f"sft.{o}" for o in FAST], "sft.training.max_steps=40"],
-                "DCR stage 1 (1 epoch), then sft-mix"),
 }
 
 
@@ -398,8 +380,13 @@ def main() -> None:
     ap.add_argument("--final", action="store_true", help="run the search's winner with --seeds on test + public")
     ap.add_argument("--arm", choices=sorted(CANDIDATES), help="with --final: this arm instead of the search's winner")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--rank", action="store_true", help="only rank the candidates measured so far")
     a = ap.parse_args()
-    if a.final:
+    if a.rank:
+        base = measures(json.loads((RUNS / "search" / "base-dev" / "metrics.json").read_text()), DEV_NAMES)
+        rank(base)
+        print((RESULTS / "search.md").read_text())
+    elif a.final:
         state = json.loads((RESULTS / "search.json").read_text())
         final(a.arm or state["winner"], a.seeds)
     else:
