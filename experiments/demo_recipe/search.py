@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ def save_items(eval_dir: Path, dest: Path, *, arm: str, seed: int) -> None:
                             for k in ("label", "refused", "uplift", "helpful", "degenerate")}})
     if rows:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".tmp")
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # several processes may share a results folder
         with gzip.open(tmp, "wt", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -187,7 +188,7 @@ def save_items(eval_dir: Path, dest: Path, *, arm: str, seed: int) -> None:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     tmp.replace(path)
 
