@@ -8,7 +8,7 @@ The judge (outcome-minilm) was validated on replies of the embedded model and fo
 variants; a new recipe writes in new ways (a model that learned a refusal template can say "I'll
 help with that." and stop), so its verdicts on this recipe's replies are checked here. The batch
 draws `--n` items per arm and prompt kind (harmful / seemingly toxic / ordinary) from the final
-evaluation (test splits and XSTest; base and the seed-0 aligned model), shuffled, without arm
+evaluation (test splits and XSTest; base and one training seed of the aligned model), shuffled, without arm
 names or verdicts. Labels are kept by item key (arm, suite, id) with no text (the public prompts
 stay out of the repository): experiments/demo_recipe/results/audit_labels.jsonl and audit.json.
 """
@@ -52,14 +52,16 @@ def _items(eval_dir: Path) -> list[dict]:
 DEMO_ARM = "sft-declines-anchors"  # the recipe recipes/demo.yaml runs
 
 
-def arms() -> dict[str, Path]:
-    return {"base": RUNS / "final" / "base-test", "aligned": RUNS / "final" / f"{DEMO_ARM}-seed0-test"}
+def arms(seed: int | None = None) -> dict[str, Path]:
+    if seed is None:
+        seed = json.loads((OUT / "key.json").read_text())["_seed"]
+    return {"base": RUNS / "final" / "base-test", "aligned": RUNS / "final" / f"{DEMO_ARM}-seed{seed}-test"}
 
 
-def batch(n: int, seed: int) -> None:
+def batch(n: int, seed: int, arm_seed: int) -> None:
     rng = random.Random(seed)
     chosen = []
-    for arm, d in arms().items():
+    for arm, d in arms(arm_seed).items():
         items = _items(d)
         if not items:
             die(f"{d}: no evaluated items; run search.py --final --arm {DEMO_ARM} --seeds 0 first")
@@ -69,7 +71,8 @@ def batch(n: int, seed: int) -> None:
                 chosen.append({**it, "arm": arm})
     rng.shuffle(chosen)
     OUT.mkdir(parents=True, exist_ok=True)
-    key = {f"a{k:04d}": {"arm": it["arm"], "suite": it["suite"], "id": it["id"]} for k, it in enumerate(chosen)}
+    key: dict = {f"a{k:04d}": {"arm": it["arm"], "suite": it["suite"], "id": it["id"]} for k, it in enumerate(chosen)}
+    key["_seed"] = arm_seed
     (OUT / "key.json").write_text(json.dumps(key, indent=1))
     with open(OUT / "batch.jsonl", "w", encoding="utf-8") as f:
         for k, it in enumerate(chosen):
@@ -90,7 +93,7 @@ def read_labels(paths: list[Path], key: dict) -> dict[str, dict]:
             except json.JSONDecodeError as e:
                 die(f"{where}: not valid JSON ({e.msg})")
             iid = r.get("item_id")
-            if iid not in key:
+            if iid not in key or iid.startswith("_"):
                 die(f"{where}: field 'item_id' {iid!r} is not in the batch")
             if not isinstance(r.get("degenerate"), bool):
                 die(f"{where}: field 'degenerate' must be true or false")
@@ -159,11 +162,12 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("batch")
     b.add_argument("--n", type=int, default=40, help="items per arm and prompt kind")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    b.add_argument("--arm-seed", type=int, default=0, help="which training seed of the demo arm to read")
     sub.add_parser("score")
     a = ap.parse_args()
     if a.cmd == "batch":
-        batch(a.n, a.seed)
+        batch(a.n, a.seed, a.arm_seed)
     else:
         score()
 
