@@ -49,7 +49,7 @@ def _items(eval_dir: Path) -> list[dict]:
     return rows
 
 
-DEMO_ARM = "sft-declines-anchors"  # the recipe recipes/demo.yaml runs
+DEMO_ARM = "sft-declines-anchors"  # the arm whose replies were audited (the first choice; see README)
 
 
 def arms(seed: int | None = None) -> dict[str, Path]:
