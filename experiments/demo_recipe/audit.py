@@ -1,8 +1,8 @@
 """Is the judge right about the demo recipe's replies? Careful reading of a random sample, blind.
 
-    python experiments/demo_recipe/audit.py batch --n 40          # write runs/demo_recipe/audit/batch.jsonl
-    (annotators label it by docs/judging.md into runs/demo_recipe/audit/labels_*.jsonl)
-    python experiments/demo_recipe/audit.py score                 # agreement with the judge, per arm
+    python experiments/demo_recipe/audit.py batch --arm ARM --arm-seed 1 --n 40   # runs/demo_recipe/audit/ARM/batch.jsonl
+    (annotators label it by docs/judging.md into runs/demo_recipe/audit/ARM/labels_*.jsonl)
+    python experiments/demo_recipe/audit.py score --arm ARM       # agreement with the judge, per arm
 
 The judge (outcome-minilm) was validated on replies of the embedded model and four trained
 variants; a new recipe writes in new ways (a model that learned a refusal template can say "I'll
@@ -10,7 +10,7 @@ help with that." and stop), so its verdicts on this recipe's replies are checked
 draws `--n` items per arm and prompt kind (harmful / seemingly toxic / ordinary) from the final
 evaluation (test splits and XSTest; base and one training seed of the aligned model), shuffled, without arm
 names or verdicts. Labels are kept by item key (arm, suite, id) with no text (the public prompts
-stay out of the repository): experiments/demo_recipe/results/audit_labels.jsonl and audit.json.
+stay out of the repository): experiments/demo_recipe/results/audit-ARM-labels.jsonl and audit-ARM.json.
 """
 
 from __future__ import annotations
@@ -49,36 +49,32 @@ def _items(eval_dir: Path) -> list[dict]:
     return rows
 
 
-DEMO_ARM = "sft-declines-anchors"  # the arm whose replies were audited (the first choice; see README)
+def arms(arm: str, seed: int) -> dict[str, Path]:
+    return {"base": RUNS / "final" / "base-test", "aligned": RUNS / "final" / f"{arm}-seed{seed}-test"}
 
 
-def arms(seed: int | None = None) -> dict[str, Path]:
-    if seed is None:
-        seed = json.loads((OUT / "key.json").read_text())["_seed"]
-    return {"base": RUNS / "final" / "base-test", "aligned": RUNS / "final" / f"{DEMO_ARM}-seed{seed}-test"}
-
-
-def batch(n: int, seed: int, arm_seed: int) -> None:
+def batch(arm_name: str, n: int, seed: int, arm_seed: int) -> None:
+    out = OUT / arm_name
     rng = random.Random(seed)
     chosen = []
-    for arm, d in arms(arm_seed).items():
+    for arm, d in arms(arm_name, arm_seed).items():
         items = _items(d)
         if not items:
-            die(f"{d}: no evaluated items; run search.py --final --arm {DEMO_ARM} --seeds 0 first")
+            die(f"{d}: no evaluated items; run search.py --final --arm {arm_name} --seeds {arm_seed} first")
         for kind in OUTCOMES:
             pool = [it for it in items if it["kind"] == kind]
             for it in rng.sample(pool, min(n, len(pool))):
                 chosen.append({**it, "arm": arm})
     rng.shuffle(chosen)
-    OUT.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     key: dict = {f"a{k:04d}": {"arm": it["arm"], "suite": it["suite"], "id": it["id"]} for k, it in enumerate(chosen)}
-    key["_seed"] = arm_seed
-    (OUT / "key.json").write_text(json.dumps(key, indent=1))
-    with open(OUT / "batch.jsonl", "w", encoding="utf-8") as f:
+    key["_arm"], key["_seed"] = arm_name, arm_seed
+    (out / "key.json").write_text(json.dumps(key, indent=1))
+    with open(out / "batch.jsonl", "w", encoding="utf-8") as f:
         for k, it in enumerate(chosen):
             f.write(json.dumps({"item_id": f"a{k:04d}", "prompt_type": it["kind"], "prompt": it["prompt"],
                                 "response": it["response"]}, ensure_ascii=False) + "\n")
-    print(f"{OUT / 'batch.jsonl'}: {len(chosen)} items ({n} per arm and prompt kind)")
+    print(f"{out / 'batch.jsonl'}: {len(chosen)} items ({n} per arm and prompt kind)")
 
 
 def read_labels(paths: list[Path], key: dict) -> dict[str, dict]:
@@ -101,14 +97,17 @@ def read_labels(paths: list[Path], key: dict) -> dict[str, dict]:
     return labels
 
 
-def score() -> None:
-    key = json.loads((OUT / "key.json").read_text())
-    paths = sorted(OUT.glob("labels_*.jsonl"))
+def score(arm_name: str) -> None:
+    out = OUT / arm_name
+    if not (out / "key.json").is_file():
+        die(f"{out}/key.json not found: run `audit.py batch --arm {arm_name}` first")
+    key = json.loads((out / "key.json").read_text())
+    paths = sorted(out.glob("labels_*.jsonl"))
     if not paths:
-        die(f"no label files {OUT}/labels_*.jsonl")
+        die(f"no label files {out}/labels_*.jsonl")
     labels = read_labels(paths, key)
     verdicts = {}
-    for arm, d in arms().items():
+    for arm, d in arms(arm_name, key["_seed"]).items():
         for it in _items(d):
             verdicts[(arm, it["suite"], it["id"])] = (it["kind"], it["verdict"])
     from tactful.eval.metrics import rate
@@ -144,10 +143,12 @@ def score() -> None:
                     "n": len(sel), **{o: rate([r["outcome"] == o for r in sel]).to_dict() for o in outs},
                     "degenerate": rate([r["degenerate"] for r in sel]).to_dict()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "audit_labels.jsonl", "w", encoding="utf-8") as f:
+    with open(RESULTS / f"audit-{arm_name}-labels.jsonl", "w", encoding="utf-8") as f:
         for r in rows_out:
             f.write(json.dumps(r) + "\n")
-    (RESULTS / "audit.json").write_text(json.dumps({"judge_agreement": summary, "careful_reading": read}, indent=2))
+    (RESULTS / f"audit-{arm_name}.json").write_text(json.dumps(
+        {"arm": arm_name, "seed": key["_seed"], "judge": "outcome-minilm", "judge_agreement": summary,
+         "careful_reading": read}, indent=2))
     for arm, fs in summary.items():
         print(arm, "  ".join(f"{f} {100 * e['value']:.0f}% [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}] "
                                  f"n={e['n']}" for f, e in fs.items()))
@@ -161,15 +162,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("batch")
+    b.add_argument("--arm", required=True, help="a candidate of search.py with a --final run")
     b.add_argument("--n", type=int, default=40, help="items per arm and prompt kind")
     b.add_argument("--seed", type=int, default=0, help="the sampling seed")
     b.add_argument("--arm-seed", type=int, default=0, help="which training seed of the demo arm to read")
-    sub.add_parser("score")
+    sc = sub.add_parser("score")
+    sc.add_argument("--arm", required=True)
     a = ap.parse_args()
     if a.cmd == "batch":
-        batch(a.n, a.seed, a.arm_seed)
+        batch(a.arm, a.n, a.seed, a.arm_seed)
     else:
-        score()
+        score(a.arm)
 
 
 if __name__ == "__main__":
