@@ -89,3 +89,11 @@ def test_cli_public_data_must_be_a_folder(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "no such folder" in err and "Traceback" not in err
+
+
+def test_audit_line_reads_the_committed_audit():
+    line = demo.audit_line()
+    if line is None:  # an installed wheel has no experiments/
+        pytest.skip("no experiments/demo_recipe/results/audit file in this checkout")
+    assert "careful reading" in line and "%" in line
+    assert demo.audit_line("no-such-arm") is None

@@ -39,6 +39,9 @@ PUBLIC_SUITES = {
     "xstest-safe": ("comply", "compliance_rate", "XSTest v2 safe prompts that only sound unsafe (public)"),
 }
 CARD_WIDTH = 100
+# recipes/demo.yaml is this search candidate trained on all of `train`; its replies were read
+# carefully (experiments/demo_recipe/audit.py), and the card says how often the judge agreed.
+AUDITED_ARM = "sft-own-lr5e-4"
 
 # (suite, outcome or None for the suite's headline, row label, transform)
 ROWS = (
@@ -187,6 +190,22 @@ def _cell(suites: dict[str, Any], key: str, outcome: str | None, fn: Any) -> tup
     return fmt_rate(fn(res)), res.get("n")
 
 
+def audit_line(arm: str = AUDITED_ARM) -> str | None:
+    """How often the judge agreed with careful reading on this recipe's replies (a repository
+    checkout has the audit; an installed wheel does not)."""
+    path = Path(__file__).resolve().parents[2] / "experiments" / "demo_recipe" / "results" / f"audit-{arm}.json"
+    if not path.is_file():
+        return None
+    agree = json.loads(path.read_text()).get("judge_agreement", {})
+
+    def fmt(who: str) -> str:
+        e = agree.get(who, {}).get("refused")
+        return f"{100 * e['value']:.0f}% [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}]" if e else "—"
+
+    return (f"on this recipe's replies the judge agrees with careful reading on refused-vs-not {fmt('aligned')} "
+            f"(base model's: {fmt('base')}; experiments/demo_recipe/README.md)")
+
+
 def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | None = None,
                 data_line: str | None = None) -> str:
     """The before / after card (fits 100 columns): what the replies did, with 95% CIs and n."""
@@ -208,6 +227,9 @@ def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | Non
     if "safety" in s:
         lines.append(textwrap.fill(judge_line(s["safety"]), width=CARD_WIDTH - 2, initial_indent="  ",
                                    subsequent_indent="    "))
+        audit = audit_line() if after else None
+        if audit:
+            lines.append(textwrap.fill(audit, width=CARD_WIDTH - 2, initial_indent="  ", subsequent_indent="    "))
     lines.append(textwrap.fill(data_line or "data: tactful built-in test splits (never trained on); seed 0; "
                                "95% bootstrap intervals", width=CARD_WIDTH - 2, initial_indent="  ",
                                subsequent_indent="    "))
