@@ -101,6 +101,25 @@ def embedded_model_dir(*, home: Path | None = None) -> Path:
     return target
 
 
+def _quiet_gguf_bar() -> Any:
+    """Silence transformers' GGUF conversion bar; returns the function that restores it."""
+    import functools
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        return None
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+
+    def restore() -> None:
+        gguf_utils.tqdm = original
+
+    return restore
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,11 +127,16 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    # transformers' GGUF reader draws its own tqdm bar, deaf to disable_progress_bar(): quiet it
+    # too when the caller (e.g. the demo) has turned transformers' bars off.
+    quiet_bar = _quiet_gguf_bar() if not hf_logging.is_progress_bar_enabled() else None
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if quiet_bar:
+            quiet_bar()
     # transformers tags GGUF-loaded models with a quantizer even though the weights are
     # already dequantised floats; drop the tag so they save as a plain float model.
     model.hf_quantizer = None
