@@ -97,3 +97,16 @@ def test_audit_line_reads_the_committed_audit():
         pytest.skip("no experiments/demo_recipe/results/audit file in this checkout")
     assert "careful reading" in line and "%" in line
     assert demo.audit_line("no-such-arm") is None
+
+
+def test_subsampled_suites_keep_their_names(tmp_path):
+    from tactful.eval.runner import load_suite_records
+    from tactful.eval.suites import load_suite
+
+    paths = demo.write_subsampled_suites(tmp_path)
+    for name, n in demo.DEMO_SUBSAMPLE.items():
+        suite = load_suite(paths[name])
+        assert suite.name == name and suite.n == n
+        recs = load_suite_records(suite)
+        assert len(recs) == n
+        assert [r.id for r in recs] == [r.id for r in load_suite_records(load_suite(paths[name]))]  # seeded

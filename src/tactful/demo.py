@@ -39,6 +39,9 @@ PUBLIC_SUITES = {
     "xstest-safe": ("comply", "compliance_rate", "XSTest v2 safe prompts that only sound unsafe (public)"),
 }
 CARD_WIDTH = 100
+# Built-in suites the demo reads a seeded subsample of, to stay within ten minutes on 2 cores
+# (the experiments report the full splits).
+DEMO_SUBSAMPLE = {"over-refusal": 75}
 # recipes/demo.yaml is this search candidate trained on all of `train`; its replies were read
 # carefully (experiments/demo_recipe/audit.py), and the card says how often the judge agreed.
 AUDITED_ARM = "sft-own-lr5e-4"
@@ -113,6 +116,25 @@ def write_public_suites(csv: Path, out: Path) -> list[str]:
         path = out / f"{name}.yaml"
         atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
         paths.append(str(path))
+    return paths
+
+
+def write_subsampled_suites(out: Path) -> dict[str, str]:
+    """Copies of the built-in suites in DEMO_SUBSAMPLE with their `n` set (same names, so the
+    card's rows still match); returns name -> suite file."""
+    import yaml
+
+    from tactful.eval.suites import suites_dir
+    from tactful.io import atomic_write_text
+
+    paths = {}
+    for name, n in DEMO_SUBSAMPLE.items():
+        spec = yaml.safe_load((suites_dir() / f"{name}.yaml").read_text())
+        spec["n"] = n
+        spec["description"] = f"{spec.get('description', '')} Demo: a seeded subsample of {n}."
+        path = out / f"{name}.yaml"
+        atomic_write_text(path, yaml.safe_dump(spec, sort_keys=False))
+        paths[name] = str(path)
     return paths
 
 
@@ -319,14 +341,18 @@ def run_demo(out: str = "runs/demo", limit: int | None = None, align: bool = Tru
     quiet_libraries()
     root = ensure_dir(Path(out), "demo output directory")
     stages = Stages(root / "timings.json")
-    suites = list(DEMO_SUITES)
+    suite_dir = ensure_dir(root / "suites", "demo suites directory")
+    sub = write_subsampled_suites(suite_dir)
+    suites = [sub.get(name, name) for name in DEMO_SUITES]
     csv = find_public_file(public_data)
     if csv is not None:
-        suites += write_public_suites(csv, ensure_dir(root / "suites", "demo suites directory"))
-        data_line = (f"data: tactful built-in test splits and XSTest v2 ({csv}; {PUBLIC_N} + {PUBLIC_N} seeded), "
-                     "none trained on; seed 0; 95% bootstrap intervals")
+        suites += write_public_suites(csv, suite_dir)
+        data_line = (f"data: tactful built-in test splits (seemingly toxic: {DEMO_SUBSAMPLE['over-refusal']} of 150, "
+                     f"seeded) and XSTest v2 ({csv}; {PUBLIC_N} + {PUBLIC_N} seeded), none trained on; seed 0; 95% "
+                     "bootstrap intervals")
     else:
-        data_line = None
+        data_line = (f"data: tactful built-in test splits (seemingly toxic: {DEMO_SUBSAMPLE['over-refusal']} of 150, "
+                     "seeded), never trained on; seed 0; 95% bootstrap intervals")
         log("public benchmark: XSTest not found (give --public-data DIR holding xstest_prompts.csv, or set "
             "TACTFUL_DATA_DIR); showing the built-in test splits only")
 
