@@ -659,3 +659,57 @@ def test_train_from_a_triage_file(tmp_path, monkeypatch):
     cfg.trace.policy = "old-strict"
     with pytest.raises(UserError, match="another policy"):
         train_trace(cfg, model=model, tokenizer=tok, log=lambda s: None)
+
+
+def test_impact_scores_compare_against_the_recipes_reference_model(tmp_path, monkeypatch):
+    """With `reference:` another model, the scores must use it (not the policy at start): the
+    run's dots equal brute-force dots computed at the same parameters with that reference, and
+    differ from dots computed as if the policy were its own reference."""
+    import tactful.methods.trace.impact as impact_mod
+    from tactful.methods.trace.impact import scoring_reference
+
+    ref_dir = tmp_path / "ref"
+    ref, tok = tiny_model(1)  # same vocabulary, other weights
+    ref.save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    real = impact_mod.score_impact
+    seen: dict = {}
+
+    def spy(model, tokenizer, dataset, indices, gold_pairs, **kw):
+        result = real(model, tokenizer, dataset, indices, gold_pairs, **kw)
+        # brute force at the very parameters the run scored at
+        gold = PairDataset(tokenizer, gold_pairs, max_length=kw["max_length"])
+        collator = PairCollator(tokenizer.pad_token_id)
+        frozen, _ = tiny_model(1)
+        explicit, desc = scoring_reference(model, frozen)
+        model.eval()
+        for name, reference in (("explicit", explicit), ("identity", None)):
+            g_J, _ = gold_gradient(model, gold, collator, beta=kw["beta"], batch_size=4, reference=reference)
+            seen[name] = loop_dots(model, dataset, collator, indices, g_J, beta=kw["beta"], reference=reference)
+        seen["desc"] = desc
+        return result
+
+    monkeypatch.setattr(impact_mod, "score_impact", spy)
+    model, tok = tiny_model(0)
+    cfg = tiny_config(tmp_path / "run")
+    cfg.reference = str(ref_dir)
+    cfg.training.max_steps = 1
+    _, run = train_trace(cfg, model=model, tokenizer=tok, log=lambda s: None)
+    scores = json.loads((run.path / "impact_scores.json").read_text())
+    got = torch.tensor(scores["dots"], dtype=torch.float64)
+    scale = float(seen["explicit"].abs().max())
+    assert torch.allclose(got, seen["explicit"], rtol=1e-4, atol=1e-4 * scale)
+    assert (got - seen["identity"]).abs().max() > 1e-2 * scale  # the old shortcut would be wrong here
+    assert scores["weights"] == pytest.approx(impact_weights(seen["explicit"]).tolist(), abs=1e-6)
+    assert scores["reference"] == {"recipe": str(ref_dir), "scored_against": "reference model"}
+
+
+def test_scoring_reference_shortcut_only_while_the_adapter_is_zero():
+    from tactful.methods.trace.impact import adapter_is_zero, disabled_adapter_reference, scoring_reference
+
+    model, _ = tiny_model(0)
+    model = apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert adapter_is_zero(model) and scoring_reference(model)[0] is None
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.1)
+    assert not adapter_is_zero(model) and scoring_reference(model)[0] is disabled_adapter_reference

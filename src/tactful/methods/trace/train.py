@@ -343,7 +343,7 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
                   summary: dict[str, Any]) -> None:
     """Called by `train_preference` once the LoRA model and the pair dataset exist: add the
     TRACE columns, compute (or reuse) the impact weights at the reference parameters."""
-    from tactful.methods.trace.impact import build_gold_batch, score_impact
+    from tactful.methods.trace.impact import build_gold_batch, score_impact, scoring_reference
 
     config: TraceConfig = setup.config  # type: ignore[assignment]
     t = config.trace
@@ -362,11 +362,16 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
         impact = {"method": "uniform (no_impact_weights)"}
     else:
         gold = build_gold_batch(triaged, t.gold_batch_size, seed=config.seed)
+        # The scores compare against the same reference as the loss: a separate reference model
+        # when the recipe names one, else the starting model (see impact.scoring_reference).
+        if setup.ref_model is not None:
+            setup.ref_model.to(setup.device)
+        reference, reference_desc = scoring_reference(setup.model, setup.ref_model)
         key = _fingerprint({"pairs": [p.to_dict() for p in training.pairs], "kind": training.kind,
                             "npo": [training.npo_chosen, training.npo_rejected], "gold": [p.to_dict() for p in gold],
                             "beta": config.loss.beta, "gamma": t.gamma, "model": config.model,
                             "start_from": config.start_from, "lora": asdict(config.lora), "max_length": config.training.max_length,
-                            "system": config.system})
+                            "system": config.system, "reference": config.reference})
         path = run.path / "impact_scores.json"
         saved = json.loads(path.read_text()) if path.is_file() else None
         if not is_main_process():
@@ -378,8 +383,10 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
             log(f"impact scores: gold batch of {len(gold)} pairs, {len(conflict)} conflict pairs to score")
             result = score_impact(setup.model, setup.tokenizer, ds, conflict, gold, beta=config.loss.beta,
                                   gamma=t.gamma, batch_size=t.scoring_batch_size, method=t.scoring_method,
-                                  max_length=config.training.max_length, system=config.system, log=log)
+                                  max_length=config.training.max_length, system=config.system, reference=reference,
+                                  log=log)
             impact = {"fingerprint": key, "judge": summary["judge"], "policy": summary["policy"], **result.to_dict(),
+                      "reference": {"recipe": config.reference, "scored_against": reference_desc},
                       "ids": [training.pairs[i].id for i in conflict]}
             run.write_json("impact_scores.json", impact)
             log(f"impact scores ({result.method}): {impact['n_positive']} of {len(conflict)} pairs get weight; "
