@@ -488,6 +488,13 @@ def test_training_set_kinds_and_ablations():
     assert nt.kind[:3] == [KIND_NPO, KIND_NPO, KIND_KL]
     assert (nt.npo_chosen[0], nt.npo_rejected[0]) == (1.0, 0.0)  # only the flagged (violating) response
     assert nt.pairs[0].chosen == triaged[0].pair.chosen            # no inversion
+    # the paper's no-triage ablation: NPO on every relabelled pair's rejected response, no KL
+    paper = build_training_set(triaged, TraceSettings(no_triage=True, no_triage_target="rejected"))
+    assert paper.kind == [KIND_NPO] * 12 and paper.conflict_indices == list(range(12))  # all scored
+    assert set(zip(paper.npo_chosen, paper.npo_rejected)) == {(0.0, 1.0)}
+    assert paper.pairs[0].rejected == triaged[0].pair.chosen      # INVERT: the old (violating) chosen
+    assert paper.pairs[1].rejected == triaged[1].pair.rejected    # PUNISH and RETAIN as they were
+    assert paper.pairs[2].rejected == triaged[2].pair.rejected
     triaged[1].pair.meta["corrected"] = "A safe answer."
     triaged[1].corrected = Verdict(COMPLIES)
     orc = build_training_set(triaged, TraceSettings(oracle=True))
