@@ -152,3 +152,30 @@ def test_a_runs_directory_holds_one_set_of_settings(tmp_path):
     trace_run.check_runs_settings(tmp_path, {"name": "official", "gold": 64})  # same: fine
     with pytest.raises(SystemExit, match="other settings"):
         trace_run.check_runs_settings(tmp_path, {"name": "ours", "gold": 12})
+
+
+def test_probe_pairs_are_every_training_prompt_pair_and_no_heldout_one(tmp_path):
+    import json
+
+    from tactful.io import read_jsonl_tolerant
+
+    rows = [{"prompt": p.prompt, "response": [p.chosen, p.rejected]} for p in _pairs()]
+    src = tmp_path / "pku.json"
+    src.write_text(json.dumps(rows))
+    info = shapo_data.probe_pairs(src, tmp_path / "data", holdout_fraction=0.3, split_seed=0)
+    got = list(read_jsonl_tolerant(tmp_path / "data" / "probe_pairs.jsonl"))
+    from tactful.data.registry import load_benchmark
+
+    train, held = shapo_data.split_by_prompt(load_benchmark(shapo_data.SOURCE_NAME, path=str(src)), 0.3, seed=0)
+    assert [r["chosen"] for r in got] == [p.chosen for p in train]  # every pair of the training prompts
+    assert not {shapo_data.prompt_key(r["prompt"]) for r in got} & {shapo_data.prompt_key(p.prompt) for p in held}
+    assert info["pairs"] == len(train) and info["distinct_responses"] == 2 * len(train)
+    assert all(r["chosen_safe"] is True and r["rejected_safe"] is False for r in got)  # the probe's labels
+    assert shapo_data.probe_pairs(src, tmp_path / "data", holdout_fraction=0.3, split_seed=0) == info  # reused
+
+
+def test_a_probe_on_all_responses_makes_other_shapo_arms_only():
+    shapo_run = _load("shapo_experiment_run", ROOT / "experiments" / "shapo" / "run.py")
+    assert shapo_run.arm_name("shapo", 0.3) == "shapo-noise30"
+    assert shapo_run.arm_name("drdpo-shapo", 0.3, "all") == "drdpo-shapo-probeall-noise30"
+    assert shapo_run.arm_name("dpo", 0.3, "all") == "dpo-noise30"  # no probe: its finished runs are reused
