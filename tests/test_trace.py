@@ -640,6 +640,23 @@ def test_train_trace_ablation_and_config_errors(tmp_path):
         train_trace(bad, model=model, tokenizer=tok)
 
 
+def test_train_trace_the_papers_no_triage_ablation(tmp_path):
+    """no_triage_target rejected: every pair is an NPO pair on its rejected response, all of
+    them are scored and weighted (weights sum to 1 over all pairs), and no KL term is trained."""
+    model, tok = tiny_model(0)
+    cfg = tiny_config(tmp_path / "nt", no_triage=True, no_triage_target="rejected")
+    cfg.training.max_steps = 1
+    _, run = train_trace(cfg, model=model, tokenizer=tok, log=lambda s: None)
+    tr = json.loads((run.path / "manifest.json").read_text())["trace"]
+    n = sum(v for k, v in tr["triage"].items() if k != "FAILED")
+    assert tr["training"] == {"pairs": n, "pref": 0, "npo": n, "kl": 0}
+    assert tr["ablations"]["no_triage_target"] == "rejected"
+    scores = json.loads((run.path / "impact_scores.json").read_text())
+    assert scores["n_scored"] == n and sum(scores["weights"]) == pytest.approx(1.0)
+    rows = [json.loads(x) for x in (run.path / "train_pairs.jsonl").read_text().splitlines()]
+    assert all(r["trace_kind"] == KIND_NPO for r in rows)
+
+
 def test_recipe_loads():
     from tactful.methods.registry import load_recipe
 
