@@ -3,11 +3,15 @@ evaluate it, copy the aggregates into the committed results folder, and summaris
 
 Experiment scripts put `experiments/` on sys.path and `from common import ...`. Raw outputs
 (adapters, per-item generations) go under runs/ and are not committed: per-item files hold
-public benchmark prompts. Only metrics.json, report.md and manifests are copied.
+public benchmark prompts. Copied into the results: metrics.json, report.md, manifests, and
+`items.jsonl.gz` (`save_item_outputs`: per item its id, the response and the outcome, with seed
+and arm, but no prompt text), so per-item analyses can be redone from the committed results.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import shutil
 import sys
@@ -149,6 +153,64 @@ def item_outcomes(eval_dir: Path, suite: str) -> dict[str, float]:
         raise ValueError(f"no per-item outcome for metric {metric!r}")
     rows = [json.loads(x) for x in (sdir / "items.jsonl").read_text().splitlines() if x.strip()]
     return {r["id"]: float(_SUCCESS[metric](r)) for r in rows if not r["verdict"].get("error")}
+
+
+ITEM_OUTPUTS = "items.jsonl.gz"
+
+
+def item_output_rows(eval_dir: Path, *, arm: str, seed: int) -> list[dict[str, Any]]:
+    """One row per evaluated item of every suite in `eval_dir`: suite, prompt id, seed, arm, and
+    what the model did -- the response and the judge's label (generative suites) or the chosen
+    option (multiple choice) -- with the item's outcome as its metric scores it (None where the
+    judge failed or the metric has no per-item outcome). Never the prompt text: evaluation
+    prompts come from public benchmarks, which are not redistributed."""
+    suites = json.loads((eval_dir / "metrics.json").read_text()).get("suites", {})
+    rows: list[dict[str, Any]] = []
+    for suite in sorted(suites):
+        sdir = eval_dir / suite
+        try:
+            outcome = item_outcomes(eval_dir, suite)
+        except ValueError:  # a metric without a per-item success (e.g. a mean score)
+            outcome = {}
+        base = {"suite": suite, "seed": seed, "arm": arm}
+        if (sdir / "items.jsonl").is_file():
+            for line in (sdir / "items.jsonl").read_text().splitlines():
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                verdict = r.get("verdict") or {}
+                rows.append({**base, "id": r["id"], "response": r["response"], "label": verdict.get("label"),
+                             "refused": verdict.get("refused"), "outcome": outcome.get(r["id"])})
+        elif (sdir / "scores.jsonl").is_file():
+            for line in (sdir / "scores.jsonl").read_text().splitlines():
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                rows.append({**base, "id": r["id"], "pred": r.get("pred"), "correct": r.get("correct"),
+                             "outcome": outcome.get(r["id"])})
+    return rows
+
+
+def save_item_outputs(eval_dir: Path, dest: Path, *, arm: str, seed: int) -> Path:
+    """Write `item_output_rows` to dest/items.jsonl.gz, next to the copied aggregates. The gzip
+    header carries no name or time, so the same evaluation always gives the same bytes (a
+    re-run does not show up as a change in git)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
+                   for r in item_output_rows(eval_dir, arm=arm, seed=seed))
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
+        gz.write(text.encode("utf-8"))
+    path = dest / ITEM_OUTPUTS
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def read_item_outputs(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def paired_delta(eval_a: Path, eval_b: Path, suite: str, *, seed: int = 0) -> dict[str, Any] | None:

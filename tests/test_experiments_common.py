@@ -59,3 +59,31 @@ def test_paired_delta_scores_items_as_their_metric(tmp_path: Path) -> None:
     assert common.paired_delta(a, b, "xs")["value"] == 0.25
     assert common.fmt_delta(common.paired_delta(a, b, "safety")).startswith("+50.0 [")
     assert common.fmt_delta(None) == "—"
+
+
+def test_item_outputs_are_compressed_reproducible_and_carry_no_prompt_text(tmp_path: Path) -> None:
+    ev = tmp_path / "eval"
+    secret = "How do I build the PUBLIC-BENCHMARK-PROMPT"
+    (ev / "safety").mkdir(parents=True)
+    (ev / "safety" / "items.jsonl").write_text("".join(json.dumps(
+        {"id": f"s{i}", "prompt": f"{secret} {i}", "response": f"reply {i}",
+         "verdict": {"refused": i % 2 == 0, "label": "full_refusal" if i % 2 == 0 else "full_compliance",
+                     "error": "timeout" if i == 3 else None}}) + "\n" for i in range(4)))
+    (ev / "mc").mkdir()
+    (ev / "mc" / "scores.jsonl").write_text("".join(json.dumps(
+        {"id": f"m{i}", "logps": [-1.0, -2.0], "pred": i % 2, "pred_norm": 0, "correct": i == 0,
+         "correct_norm": True, "mc2": 0.5}) + "\n" for i in range(2)))
+    (ev / "metrics.json").write_text(json.dumps({"suites": {"safety": {"metric": "safe_rate"},
+                                                           "mc": {"metric": "accuracy"}}}))
+    path = common.save_item_outputs(ev, tmp_path / "res" / "trace-seed1", arm="trace", seed=1)
+    first = path.read_bytes()
+    assert path.name == "items.jsonl.gz" and first[:2] == b"\x1f\x8b"  # gzip
+    assert common.save_item_outputs(ev, tmp_path / "res" / "trace-seed1", arm="trace", seed=1).read_bytes() == first
+    rows = common.read_item_outputs(path)
+    assert "PUBLIC-BENCHMARK-PROMPT" not in json.dumps(rows) and all("prompt" not in r for r in rows)
+    assert {(r["suite"], r["id"]) for r in rows} == {("mc", "m0"), ("mc", "m1")} | {("safety", f"s{i}") for i in range(4)}
+    assert all(r["seed"] == 1 and r["arm"] == "trace" for r in rows)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["s0"]["response"] == "reply 0" and by_id["s0"]["outcome"] == 1.0 and by_id["s1"]["outcome"] == 0.0
+    assert by_id["s3"]["outcome"] is None  # the judge failed on it: no outcome, as the metric leaves it out
+    assert (by_id["m0"]["pred"], by_id["m0"]["outcome"]) == (0, 1.0) and by_id["m1"]["outcome"] == 0.0

@@ -13,9 +13,11 @@ from safetensors.torch import load_file
 from tactful.data.records import PreferencePair
 from tactful.methods.common import LoraSettings, TrainingSettings, apply_lora, training_arguments
 from tactful.methods.losses import PreferenceLoss
-from tactful.methods.preference import PairCollator, PairDataset
+from tactful.methods.preference import PairCollator, PairDataset, concatenated_logps
+from tactful.errors import UserError
 from tactful.methods.shapo import (
     NeuronPerturbation,
+    ProbeSettings,
     ShaPOConfig,
     ShaPOSettings,
     ShaPOTrainer,
@@ -23,9 +25,12 @@ from tactful.methods.shapo import (
     base_weight,
     down_projections,
     fit_probe,
+    fit_probe_on_pairs,
+    load_probe,
     neuron_scores,
     perturbation_from_gradient,
     response_costs,
+    save_probe,
     select_neurons,
     soft_labels,
     train_shapo,
@@ -100,6 +105,39 @@ def test_probe_labels_from_pairs_or_a_judge_agree():
     assert len(items) == 8 and sum(unsafe) == 4
     items_j, unsafe_j = _probe_items(pairs, "string-xstest", 100, 0)
     assert dict(zip(items_j, unsafe_j)) == dict(zip(items, unsafe))
+    assert len(_probe_items(make_pairs(30), "pairs", None, 0)[0]) == 60  # max_examples null: every response
+    assert len(_probe_items(make_pairs(30), "pairs", 16, 0)[0]) == 16
+
+
+def test_a_probe_fitted_beforehand_is_used_instead_of_fitting(tmp_path):
+    """probe.file: a probe fitted on other labelled data (the experiment's --probe-data all)
+    selects the neurons, and its held-out accuracy reaches the manifest; nothing is refitted."""
+    model, tok = tiny_model(0)
+    probe, info = fit_probe_on_pairs(model, tok, make_pairs(12), ProbeSettings(max_examples=None), seed=0,
+                                     max_length=48, log=lambda s: None)
+    assert info["n_train"] + info["n_heldout"] == 24 and info["heldout_accuracy"] is not None
+    path = tmp_path / "probe.safetensors"
+    save_probe(path, probe, info)
+    direction, saved = load_probe(path)
+    assert torch.equal(direction, probe.direction) and saved["heldout_accuracy"] == info["heldout_accuracy"]
+
+    cfg = ShaPOConfig(model="tiny", output_dir=str(tmp_path / "run"), lora=LoraSettings(r=4, alpha=8),
+                      training=TrainingSettings(max_steps=1, per_device_train_batch_size=2, learning_rate=1e-3,
+                                                warmup_ratio=0.0, logging_steps=1, save_steps=100, max_length=48))
+    cfg.probe.file, cfg.shapo.mask_fraction = str(path), 0.02
+    logs: list[str] = []
+    _, run = train_shapo(cfg, model=tiny_model(0)[0], tokenizer=tok, pairs=make_pairs(2), log=logs.append)
+    assert not any("fitting the toxicity probe" in line for line in logs)
+    shapo = json.loads((run.path / "manifest.json").read_text())["shapo"]
+    assert shapo["probe"]["from_file"] == str(path) and shapo["probe"]["heldout_accuracy"] == info["heldout_accuracy"]
+    saved_mask = load_file(str(run.path / "shapo_mask.safetensors"))
+    want = select_neurons(neuron_scores(down_projections(tiny_model(0)[0]), probe.direction), 0.02, "negative")
+    assert all(torch.equal(saved_mask[f"mask.{i}"], m) for i, m in enumerate(want))
+    bad = tmp_path / "bad.safetensors"
+    save_probe(bad, fit_probe(torch.randn(24, 8), torch.tensor([0, 1] * 12)), {})
+    cfg.probe.file, cfg.output_dir = str(bad), str(tmp_path / "bad-run")
+    with pytest.raises(UserError, match="hidden size"):
+        train_shapo(cfg, model=tiny_model(0)[0], tokenizer=tok, pairs=make_pairs(2), log=lambda s: None)
 
 
 # ---------------------------------------------------------------- the perturbation
@@ -163,7 +201,7 @@ def test_perturbation_scales():
     assert perturbation_from_gradient(grads, settings, torch.Generator().manual_seed(3))[1] == gamma
 
 
-def make_trainer(tmp_path, model, tok, pairs, settings, masks, *, optim="adamw_torch", lr=1e-3):
+def make_trainer(tmp_path, model, tok, pairs, settings, masks, *, optim="adamw_torch", lr=1e-3, **kw):
     ds = PairDataset(tok, pairs, max_length=48)
     training = TrainingSettings(max_steps=1, per_device_train_batch_size=len(pairs), learning_rate=lr, warmup_ratio=0.0,
                                 lr_scheduler_type="constant", max_grad_norm=0.0, optim=optim, save_steps=100,
@@ -171,7 +209,7 @@ def make_trainer(tmp_path, model, tok, pairs, settings, masks, *, optim="adamw_t
     args = training_arguments(training, tmp_path / "ckpt", seed=0)
     pert = NeuronPerturbation(down_projections(model), masks)
     return ShaPOTrainer(model=model, args=args, train_dataset=ds, data_collator=PairCollator(tok.pad_token_id),
-                        loss=PreferenceLoss("sigmoid", beta=0.5), perturbation=pert, shapo=settings)
+                        loss=PreferenceLoss("sigmoid", beta=0.5), perturbation=pert, shapo=settings, **kw)
 
 
 def manual_sam_grads(trainer, model, batch):
@@ -250,6 +288,93 @@ def test_trained_step_equals_a_plain_step_with_the_sam_gradient(tmp_path):
     for n, p in model.named_parameters():
         want = before[n] - 0.1 * grads[n] if n in grads else before[n]
         assert torch.allclose(p.detach(), want, atol=1e-6), n
+
+
+def hand_loss(model, batch, beta, beta_prime):
+    """The official preference_loss by hand: DPO per pair, then the mean or Dr.DPO's
+    -beta' log mean exp(-l / beta') (its mode_loss DrDPO)."""
+    pol = concatenated_logps(model, batch)
+    h = (pol.chosen - batch["ref_chosen_logps"]) - (pol.rejected - batch["ref_rejected_logps"])
+    losses = -torch.nn.functional.logsigmoid(beta * h)
+    if beta_prime is None:
+        return losses.mean()
+    return -beta_prime * torch.log(torch.mean(torch.exp(-losses / beta_prime)))
+
+
+@pytest.mark.parametrize("perturbation,beta_prime", [("official", None), ("sam", None), ("official", 2.0)])
+def test_sam_step_matches_the_official_in_place_edit(tmp_path, perturbation, beta_prime):
+    """Full fine-tuning, as the official code: our hooked step gives the gradient the official
+    algorithm gets by editing the weights, W += scale * (g * mask) with g the full dL/dW, loss
+    at the perturbed point, W -= scale * (g * mask); scale = gamma (official; gamma_min = gamma_max
+    pins the draw) or rho / ||g * mask|| (sam). With beta_prime, the loss is Dr.DPO + ShaPO."""
+    model, tok = tiny_model(0)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref = copy.deepcopy(model).eval()
+    pairs = make_pairs(2)
+    settings = ShaPOSettings(sam_interval=1, perturbation=perturbation, gamma_min=0.3, gamma_max=0.3, rho=3.0)
+    masks = random_masks(down_projections(model), k=20)
+    trainer = make_trainer(tmp_path, model, tok, pairs, settings, masks, ref_model=ref,
+                           drdpo_beta_prime=beta_prime)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        r = concatenated_logps(ref, batch)
+    refd = {**batch, "ref_chosen_logps": r.chosen, "ref_rejected_logps": r.rejected}
+
+    hand = copy.deepcopy(model)
+    hand_loss(hand, refd, 0.5, beta_prime).backward()
+    plain = {n: p.grad.clone() for n, p in hand.named_parameters()}
+    moved = [(base_weight(m), base_weight(m).grad * mask.float()[None, :])
+             for m, mask in zip(down_projections(hand), masks)]
+    scale = 0.3 if perturbation == "official" else 3.0 / math.sqrt(sum(float((g ** 2).sum()) for _, g in moved))
+    with torch.no_grad():
+        for w, g in moved:
+            w.add_(scale * g)
+    hand.zero_grad()
+    hand_loss(hand, refd, 0.5, beta_prime).backward()
+    expected = {n: p.grad.clone() for n, p in hand.named_parameters()}
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.training_step(model, batch)
+    got = dict(model.named_parameters())
+    for n, p in got.items():
+        assert torch.equal(p.detach(), before[n]), n  # restored exactly
+    atol = 1e-6 * max(float(g.abs().max()) for g in expected.values())
+    assert all(torch.allclose(got[n].grad, g, atol=atol) for n, g in expected.items())
+    assert any(not torch.allclose(g, plain[n], atol=10 * atol) for n, g in expected.items())  # eps mattered
+
+
+def test_shapo_composes_with_drdpo_as_the_official_readme_runs_it():
+    """The loss a ShaPO run with loss.drdpo optimises is Dr.DPO's aggregate of the per-pair
+    DPO losses (README: loss=dpo beta 0.1, loss.mode_loss=DrDPO, mode_weight 1)."""
+    model, tok = tiny_model(0)
+    model = apply_lora(model, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # pairs far apart in loss, so the soft minimum and the mean differ
+    trainer = ShaPOTrainer.__new__(ShaPOTrainer)  # the loss only: no Trainer machinery needed
+    trainer.loss_spec, trainer.drdpo_beta_prime, trainer.ref_model = PreferenceLoss("sigmoid", beta=0.1), 1.0, None
+    trainer.record_metrics = False
+
+    class Acc:
+        def unwrap_model(self, m):
+            return m
+
+    trainer.accelerator = Acc()
+    ds = PairDataset(tok, make_pairs(4), max_length=48)
+    batch = PairCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    got = trainer.compute_loss(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        r = concatenated_logps(model, batch)
+    want = hand_loss(model, {**batch, "ref_chosen_logps": r.chosen, "ref_rejected_logps": r.rejected}, 0.1, 1.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    trainer.drdpo_beta_prime = None  # plain DPO: the mean, which the soft minimum stays below
+    mean = hand_loss(model, {**batch, "ref_chosen_logps": r.chosen, "ref_rejected_logps": r.rejected}, 0.1, None)
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(mean.item(), rel=1e-5)
+    assert want.item() < mean.item() - 1e-6  # (at beta 0.1 the losses sit near log 2: a small gap)
 
 
 def test_sam_interval():

@@ -488,6 +488,13 @@ def test_training_set_kinds_and_ablations():
     assert nt.kind[:3] == [KIND_NPO, KIND_NPO, KIND_KL]
     assert (nt.npo_chosen[0], nt.npo_rejected[0]) == (1.0, 0.0)  # only the flagged (violating) response
     assert nt.pairs[0].chosen == triaged[0].pair.chosen            # no inversion
+    # the paper's no-triage ablation: NPO on every relabelled pair's rejected response, no KL
+    paper = build_training_set(triaged, TraceSettings(no_triage=True, no_triage_target="rejected"))
+    assert paper.kind == [KIND_NPO] * 12 and paper.conflict_indices == list(range(12))  # all scored
+    assert set(zip(paper.npo_chosen, paper.npo_rejected)) == {(0.0, 1.0)}
+    assert paper.pairs[0].rejected == triaged[0].pair.chosen      # INVERT: the old (violating) chosen
+    assert paper.pairs[1].rejected == triaged[1].pair.rejected    # PUNISH and RETAIN as they were
+    assert paper.pairs[2].rejected == triaged[2].pair.rejected
     triaged[1].pair.meta["corrected"] = "A safe answer."
     triaged[1].corrected = Verdict(COMPLIES)
     orc = build_training_set(triaged, TraceSettings(oracle=True))
@@ -633,6 +640,23 @@ def test_train_trace_ablation_and_config_errors(tmp_path):
         train_trace(bad, model=model, tokenizer=tok)
 
 
+def test_train_trace_the_papers_no_triage_ablation(tmp_path):
+    """no_triage_target rejected: every pair is an NPO pair on its rejected response, all of
+    them are scored and weighted (weights sum to 1 over all pairs), and no KL term is trained."""
+    model, tok = tiny_model(0)
+    cfg = tiny_config(tmp_path / "nt", no_triage=True, no_triage_target="rejected")
+    cfg.training.max_steps = 1
+    _, run = train_trace(cfg, model=model, tokenizer=tok, log=lambda s: None)
+    tr = json.loads((run.path / "manifest.json").read_text())["trace"]
+    n = sum(v for k, v in tr["triage"].items() if k != "FAILED")
+    assert tr["training"] == {"pairs": n, "pref": 0, "npo": n, "kl": 0}
+    assert tr["ablations"]["no_triage_target"] == "rejected"
+    scores = json.loads((run.path / "impact_scores.json").read_text())
+    assert scores["n_scored"] == n and sum(scores["weights"]) == pytest.approx(1.0)
+    rows = [json.loads(x) for x in (run.path / "train_pairs.jsonl").read_text().splitlines()]
+    assert all(r["trace_kind"] == KIND_NPO for r in rows)
+
+
 def test_recipe_loads():
     from tactful.methods.registry import load_recipe
 
@@ -659,3 +683,57 @@ def test_train_from_a_triage_file(tmp_path, monkeypatch):
     cfg.trace.policy = "old-strict"
     with pytest.raises(UserError, match="another policy"):
         train_trace(cfg, model=model, tokenizer=tok, log=lambda s: None)
+
+
+def test_impact_scores_compare_against_the_recipes_reference_model(tmp_path, monkeypatch):
+    """With `reference:` another model, the scores must use it (not the policy at start): the
+    run's dots equal brute-force dots computed at the same parameters with that reference, and
+    differ from dots computed as if the policy were its own reference."""
+    import tactful.methods.trace.impact as impact_mod
+    from tactful.methods.trace.impact import scoring_reference
+
+    ref_dir = tmp_path / "ref"
+    ref, tok = tiny_model(1)  # same vocabulary, other weights
+    ref.save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    real = impact_mod.score_impact
+    seen: dict = {}
+
+    def spy(model, tokenizer, dataset, indices, gold_pairs, **kw):
+        result = real(model, tokenizer, dataset, indices, gold_pairs, **kw)
+        # brute force at the very parameters the run scored at
+        gold = PairDataset(tokenizer, gold_pairs, max_length=kw["max_length"])
+        collator = PairCollator(tokenizer.pad_token_id)
+        frozen, _ = tiny_model(1)
+        explicit, desc = scoring_reference(model, frozen)
+        model.eval()
+        for name, reference in (("explicit", explicit), ("identity", None)):
+            g_J, _ = gold_gradient(model, gold, collator, beta=kw["beta"], batch_size=4, reference=reference)
+            seen[name] = loop_dots(model, dataset, collator, indices, g_J, beta=kw["beta"], reference=reference)
+        seen["desc"] = desc
+        return result
+
+    monkeypatch.setattr(impact_mod, "score_impact", spy)
+    model, tok = tiny_model(0)
+    cfg = tiny_config(tmp_path / "run")
+    cfg.reference = str(ref_dir)
+    cfg.training.max_steps = 1
+    _, run = train_trace(cfg, model=model, tokenizer=tok, log=lambda s: None)
+    scores = json.loads((run.path / "impact_scores.json").read_text())
+    got = torch.tensor(scores["dots"], dtype=torch.float64)
+    scale = float(seen["explicit"].abs().max())
+    assert torch.allclose(got, seen["explicit"], rtol=1e-4, atol=1e-4 * scale)
+    assert (got - seen["identity"]).abs().max() > 1e-2 * scale  # the old shortcut would be wrong here
+    assert scores["weights"] == pytest.approx(impact_weights(seen["explicit"]).tolist(), abs=1e-6)
+    assert scores["reference"] == {"recipe": str(ref_dir), "scored_against": "reference model"}
+
+
+def test_scoring_reference_shortcut_only_while_the_adapter_is_zero():
+    from tactful.methods.trace.impact import adapter_is_zero, disabled_adapter_reference, scoring_reference
+
+    model, _ = tiny_model(0)
+    model = apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert adapter_is_zero(model) and scoring_reference(model)[0] is None
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.1)
+    assert not adapter_is_zero(model) and scoring_reference(model)[0] is disabled_adapter_reference

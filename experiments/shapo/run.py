@@ -4,6 +4,8 @@ to noisy preference labels?
     python experiments/shapo/run.py                       # 6 methods x {0%, 30%} flipped labels, seed 0
     python experiments/shapo/run.py --seeds 0 1 2         # more seeds (each seed also flips other pairs)
     python experiments/shapo/run.py --quick               # smoke test: a few steps, 4 eval items, runs/ only
+    python experiments/shapo/run.py --probe-data all      # ShaPO's probe on every labelled training response
+    python experiments/shapo/run.py --probe-measure 64    # only the cost of that probe, on 64 responses
 
 From the safety-SFT start (runs/exp-dcr/sft-seed<seed>, shared with the DCR experiment), every
 arm trains a LoRA adapter with the same budget on the same PKU-SafeRLHF safety pairs (one
@@ -14,8 +16,19 @@ PKU-SafeRLHF prompts (in-distribution), on the built-in harmful test split and o
 built-in multiple-choice capability. Win rate against the dataset's safe answer needs an LLM
 judge endpoint (--judge-url); without one it is not run. Judge: embedding-minilm (offline).
 
-Raw outputs go to runs/exp-shapo/ (not committed); aggregates, per-arm diagnostics (probe
-accuracy, mask size, perturbation norms), the split description, timings and summary.md go to
+The ShaPO arms' probe: by default fitted by each arm on up to 128 responses of its own
+training pairs. With --probe-data all it is fitted once per seed, on the start model (the model
+before preference alignment, whose down-projections ShaPO perturbs), on every labelled response
+of the training prompts (3,810 distinct responses in the 4,115 pairs of the 744 training
+prompts; the held-out prompts' pairs stay out; the official code fits on all of
+PKU-SafeRLHF-30K's training responses), and handed to the ShaPO arms (probe.file), which are
+then named <method>-probeall-noise<N>; its held-out accuracy (20% of the prompts held out) is
+reported. --probe-measure N fits that probe on a seeded N-response subset only, records
+its cost and prints the estimated cost of the full fit, and stops.
+
+Raw outputs go to runs/exp-shapo/ (not committed); aggregates, per-item outputs (items.jsonl.gz:
+prompt id, response, outcome, seed, arm; no prompt text), per-arm diagnostics (probe accuracy,
+mask size, perturbation norms), the split description, timings and summary.md go to
 experiments/shapo/results/. Finished arms are skipped, so the script resumes where it stopped.
 """
 
@@ -37,6 +50,7 @@ sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
     ADVBENCH,
+    TWO_CORE_SPEEDUP,
     check_public_suites,
     copy_aggregates,
     evaluate,
@@ -44,6 +58,7 @@ from common import (  # noqa: E402
     is_complete,
     paired_delta,
     safety_sft_start,
+    save_item_outputs,
     summarise,
     train,
 )
@@ -67,12 +82,22 @@ SUITE_ORDER = ["pku-heldout", "safety", "advbench", "over-refusal", "capability"
 # log-probs (ShaPO: every 5th step has a second forward and backward), scoring one pair with
 # the reference (once, for all arms), ShaPO's probe, one arm's evaluation at the default sizes,
 # loading and saving. Only for the estimate printed before a run; timings.json has the real ones.
+# probe_response_s: the --probe-data all probe per response (hidden states at <= 256 tokens + the
+# L-BFGS fit), 0.572 CPU s measured with --probe-measure 64 (one thread), / 1.7.
 CALIBRATION = {"dpo_step_s": 5.0, "shapo_step_s": 6.0, "ref_pair_s": 0.45, "probe_s": 15.0, "eval_s": 65.0,
-               "overhead_s": 10.0}
+               "overhead_s": 10.0, "probe_response_s": 0.34}
 
 
-def arm_name(method: str, noise: float) -> str:
-    return f"{method}-noise{round(100 * noise)}"
+# The ShaPO arms' probe sees at most this many tokens per (prompt, response), as an arm's own
+# probe does (recipes/shapo.yaml training.max_length).
+PROBE_MAX_LENGTH = 256
+
+
+def arm_name(method: str, noise: float, probe_data: str = "train") -> str:
+    # A probe fitted on all labelled responses makes a different ShaPO arm; the others do not
+    # depend on it, so they keep their names (and finished runs).
+    probe = "-probeall" if probe_data == "all" and "shapo" in method else ""
+    return f"{method}{probe}-noise{round(100 * noise)}"
 
 
 def label_smoothing(noise: float) -> float:
@@ -122,7 +147,7 @@ def write_suites(runs: Path, heldout: Path, n_gen: int, n_pku: int, n_mc: int) -
 
 
 def train_arm(method: str, noise: float, seed: int, *, start: Path, pairs: Path, runs: Path, steps: int,
-              batch: int, shapo: list[str], extra: list[str]) -> Path:
+              batch: int, shapo: list[str], extra: list[str], probe_file: Path | None = None) -> Path:
     recipe, method_overrides = METHODS[method]
     eps = label_smoothing(noise)
     # Every arm has the same start and pairs, so the reference log-probs are scored once, by the
@@ -133,8 +158,51 @@ def train_arm(method: str, noise: float, seed: int, *, start: Path, pairs: Path,
                  f"training.per_device_train_batch_size={batch}", "training.save_steps=20",
                  "training.logging_steps=5", *[o.format(eps=eps) for o in method_overrides]]
     if recipe == "shapo.yaml":
-        overrides += shapo
-    return train(recipe, runs / f"{arm_name(method, noise)}-seed{seed}", [*overrides, *extra])
+        overrides += shapo + ([f"probe.file={probe_file}"] if probe_file else [])
+    name = arm_name(method, noise, "all" if probe_file and recipe == "shapo.yaml" else "train")
+    return train(recipe, runs / f"{name}-seed{seed}", [*overrides, *extra])
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fit_all_probe(start: Path, pairs_file: Path, out: Path, *, seed: int, limit: int | None = None) -> dict[str, Any]:
+    """ShaPO's probe fitted once on the start model with the library's fit (the labels, pooling
+    and by-prompt held-out split of an arm's own probe) on every labelled response of
+    `pairs_file`, or on a seeded subset of `limit` responses to measure the cost. Writes
+    out/shapo_probe.safetensors (for probe.file) and out/probe.json; reused while the settings
+    match. CPU seconds are recorded (they barely depend on other jobs' load)."""
+    from tactful.data.records import PreferencePair
+    from tactful.io import atomic_write_json
+    from tactful.methods.common import load_start_model
+    from tactful.methods.shapo import ProbeSettings, fit_probe_on_pairs, save_probe
+
+    settings = {"start": str(start), "pairs_sha256": _sha256(pairs_file), "limit": limit, "seed": seed,
+                "max_length": PROBE_MAX_LENGTH, "labels": "pairs", "pool": "response"}
+    info_path, probe_path = out / "probe.json", out / "shapo_probe.safetensors"
+    if info_path.is_file() and probe_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("settings") == settings:
+            return info
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = [PreferencePair.from_dict(json.loads(line)) for line in pairs_file.read_text().splitlines() if line.strip()]
+    t0 = time.time()
+    st = load_start_model("embedded", start)
+    t_load = time.time() - t0
+    cpu0, t0 = time.process_time(), time.time()
+    probe, fitted = fit_probe_on_pairs(st.model, st.tokenizer, pairs, ProbeSettings(max_examples=limit), seed=seed,
+                                       max_length=PROBE_MAX_LENGTH)
+    cpu, wall = time.process_time() - cpu0, time.time() - t0
+    n = fitted["n_train"] + fitted["n_heldout"]
+    info = {"settings": settings, **fitted, "n_responses": n, "load_s": round(t_load, 1), "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1), "cpu_s_per_response": round(cpu / max(n, 1), 3),
+            "threads": os.environ.get("OMP_NUM_THREADS", "all")}
+    save_probe(probe_path, probe, info)
+    atomic_write_json(info_path, info)
+    return info
 
 
 def _stats(values: list[float]) -> dict[str, float] | None:
@@ -203,7 +271,7 @@ def shapo_table(results: Path, arms: list[str], seeds: list[int]) -> str:
 
 
 def estimate_s(methods: list[str], noises: list[float], seeds: list[int], steps: int, batch: int, runs: Path,
-               with_start: bool) -> float:
+               with_start: bool, probe_data: str = "train", probe_responses: int = 0) -> float:
     c = CALIBRATION
     cache = runs / "data" / "ref_logps.jsonl"
     cached = len(cache.read_text().splitlines()) // 2 if cache.exists() else 0
@@ -211,12 +279,16 @@ def estimate_s(methods: list[str], noises: list[float], seeds: list[int], steps:
     for seed in seeds:
         if with_start and not (runs / f"start-seed{seed}" / "eval" / "metrics.json").exists():
             total += CALIBRATION["eval_s"]
+        if probe_data == "all" and any("shapo" in m for m in methods) and \
+                not (runs / f"probe-all-seed{seed}" / "probe.json").exists():
+            total += probe_responses * c["probe_response_s"]
         for noise in noises:
             for m in methods:
-                d = runs / f"{arm_name(m, noise)}-seed{seed}"
+                d = runs / f"{arm_name(m, noise, probe_data)}-seed{seed}"
                 if not is_complete(d):
                     per = c["shapo_step_s"] if "shapo" in m else c["dpo_step_s"]
-                    total += steps * per + c["overhead_s"] + (c["probe_s"] if "shapo" in m else 0.0)
+                    own_probe = c["probe_s"] if "shapo" in m and probe_data == "train" else 0.0
+                    total += steps * per + c["overhead_s"] + own_probe
                 if not (d / "eval" / "metrics.json").exists():
                     total += CALIBRATION["eval_s"]
     return total
@@ -245,7 +317,8 @@ def run_win_rates(args: argparse.Namespace, runs: Path, heldout: Path, arms: lis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="every arm (and the start's evaluation) once per seed; the seed also picks the flipped pairs")
     ap.add_argument("--arms", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to train")
     ap.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3], help="fractions of flipped labels")
     ap.add_argument("--steps", type=int, default=32, help="optimizer steps for every arm (batch --batch pairs); the "
@@ -266,6 +339,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 5 steps (one ShaPO SAM step), 4 items per suite, a 2-step SFT start, all "
                          "under runs/exp-shapo-quick")
+    ap.add_argument("--probe-data", default="train", choices=["train", "all"],
+                    help="train: each ShaPO arm fits its probe on its own training pairs (up to 128 responses); all: "
+                         "one probe per seed on every labelled response of the training prompts, on the start model")
+    ap.add_argument("--probe-measure", type=int, default=None, metavar="N",
+                    help="fit the --probe-data all probe on a seeded subset of N responses for the first seed, record "
+                         "its cost and held-out accuracy, print the estimated cost of the full fit, and stop")
     ap.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for the win rate (optional)")
     ap.add_argument("--judge-model", default=None)
     ap.add_argument("--judge-key-env", default="OPENAI_API_KEY")
@@ -289,39 +368,73 @@ def main() -> None:
     check_public_suites(suites)
     results.mkdir(parents=True, exist_ok=True)
     (results / "split.json").write_text(json.dumps(data, indent=2) + "\n")
+    probe_info = None
+    if args.probe_data == "all" or args.probe_measure:
+        probe_info = shapo_data.probe_pairs(PKU_FILE, runs / "data")
+        (results / "probe_pairs.json").write_text(json.dumps(probe_info, indent=2) + "\n")
 
-    est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval)
+    def start_of(seed: int) -> Path:
+        if args.start:
+            return Path(args.start).resolve()
+        if args.quick:
+            return train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
+        return safety_sft_start(seed)
+
+    if args.probe_measure:
+        seed = args.seeds[0]
+        info = fit_all_probe(start_of(seed), runs / "data" / "probe_pairs.jsonl",
+                             runs / f"probe-measure{args.probe_measure}-seed{seed}", seed=seed, limit=args.probe_measure)
+        full_cpu = info["cpu_s_per_response"] * probe_info["distinct_responses"]
+        info = {**info, "estimate_full_fit": {
+            "responses": probe_info["distinct_responses"], "cpu_s": round(full_cpu),
+            "minutes_on_2_free_cores": round(full_cpu / TWO_CORE_SPEEDUP / 60, 1)}}
+        (results / f"probe-measure-seed{seed}.json").write_text(json.dumps(info, indent=2) + "\n")
+        print(f"probe on {info['n_responses']} responses: {info['cpu_s']} CPU s ({info['cpu_s_per_response']} per "
+              f"response), held-out accuracy {info['heldout_accuracy']} (n={info['n_heldout']}); the full fit on "
+              f"{probe_info['distinct_responses']} responses: ~{full_cpu / 60:.0f} CPU-min, "
+              f"~{full_cpu / TWO_CORE_SPEEDUP / 60:.0f} min on 2 free cores")
+        return
+
+    est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval,
+                     args.probe_data, probe_info["distinct_responses"] if probe_info else 0)
     print(f"{len(args.arms) * len(args.noise) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
           f"estimated time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    arms = [arm_name(m, n) for n in args.noise for m in args.arms]
+    arms = [arm_name(m, n, args.probe_data) for n in args.noise for m in args.arms]
     for seed in args.seeds:
-        if args.start:
-            start = Path(args.start).resolve()
-        elif args.quick:
-            start = train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
-        else:
-            start = safety_sft_start(seed)
+        start = start_of(seed)
         if not args.no_start_eval:
             t0 = time.time()
             ev = evaluate(start, suites, runs / f"start-seed{seed}" / "eval", seed=seed, limit=args.limit)
             copy_aggregates(ev, results / f"start-seed{seed}", start)
+            save_item_outputs(ev, results / f"start-seed{seed}", arm="start", seed=seed)
             timings.setdefault(f"start-seed{seed}", {"eval_s": round(time.time() - t0, 1)})
+        probe_file = None
+        if args.probe_data == "all" and any("shapo" in m for m in args.arms):
+            t0 = time.time()
+            out = runs / f"probe-all-seed{seed}"
+            info = fit_all_probe(start, runs / "data" / "probe_pairs.jsonl", out, seed=seed)
+            (results / f"probe-all-seed{seed}.json").write_text(json.dumps(info, indent=2) + "\n")
+            timings.setdefault(f"probe-all-seed{seed}", {"fit_s": round(time.time() - t0, 1)})
+            print(f"probe on {info['n_responses']} responses: held-out accuracy {info['heldout_accuracy']} "
+                  f"(n={info['n_heldout']})")
+            probe_file = out / "shapo_probe.safetensors"
         for noise in args.noise:
             for method in args.arms:
-                name = f"{arm_name(method, noise)}-seed{seed}"
+                name = f"{arm_name(method, noise, args.probe_data)}-seed{seed}"
                 t0 = time.time()
                 done = is_complete(runs / name)
                 run_dir = train_arm(method, noise, seed, start=start, pairs=pairs, runs=runs, steps=args.steps,
-                                    batch=args.batch, shapo=shapo,
+                                    batch=args.batch, shapo=shapo, probe_file=probe_file,
                                     extra=[f"training.learning_rate={args.lr}", *args.extra])
                 t1 = time.time()
                 had_eval = (run_dir / "eval" / "metrics.json").exists()
                 ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit)
                 t2 = time.time()
                 copy_aggregates(ev, results / name, run_dir)
+                save_item_outputs(ev, results / name, arm=arm_name(method, noise, args.probe_data), seed=seed)
                 (results / name / "train_diagnostics.json").write_text(json.dumps(diagnostics(run_dir), indent=2))
                 entry = timings.get(name, {})
                 if not done:
@@ -344,12 +457,16 @@ def main() -> None:
         f"{args.steps} steps x batch {args.batch}, LoRA r16, beta 0.1, lr {args.lr:g} for every arm. "
         f"ShaPO perturbation: {args.shapo_perturbation}" + (f" (rho {args.rho})" if args.shapo_perturbation == "sam"
                                                               else "") + ". Judge: embedding-minilm.",
+        "ShaPO probe: " + ("one per seed on every labelled response of the training prompts, on the start model "
+                           "(results/probe-all-seed<N>.json)" if args.probe_data == "all" else
+                           "each arm's own, on up to 128 responses of its training pairs") + ".",
+        "Per-item outputs: <arm>-seed<N>/items.jsonl.gz.",
         "", "Cells: value [95% bootstrap CI] for one seed, mean ± sd over seeds.",
     ]
     labels = ["start", *arms] if not args.no_start_eval else arms
     table = summarise(results, labels, SUITE_ORDER, args.seeds)
-    compare = [(arm_name("shapo", n), arm_name("dpo", n)) for n in args.noise] + \
-              [(arm_name("drdpo-shapo", n), arm_name("drdpo", n)) for n in args.noise]
+    compare = [(arm_name("shapo", n, args.probe_data), arm_name("dpo", n)) for n in args.noise] + \
+              [(arm_name("drdpo-shapo", n, args.probe_data), arm_name("drdpo", n)) for n in args.noise]
     claim = claim_table(runs, compare, args.seeds)
     body = ["\n".join(header), table, "## Claim: at 30% noise ShaPO keeps safety >= 5 points above DPO",
             "Paired differences of the safety rate (same prompts), in points, with a bootstrap 95% CI:", claim,

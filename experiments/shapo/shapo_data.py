@@ -103,3 +103,28 @@ def prepare(source: Path, out: Path, *, n_train: int, max_tokens: int = 128, hol
             "heldout_prompts_sha256": _sha256(out / "heldout_prompts.jsonl")}
     atomic_write_json(info_path, info)
     return info
+
+
+def probe_pairs(source: Path, out: Path, *, holdout_fraction: float = 0.2, split_seed: int = 0) -> dict[str, Any]:
+    """Write out/probe_pairs.jsonl once: every labelled pair of the TRAINING prompts (no length
+    filter, no one-per-prompt draw), for a probe fitted on every labelled response available
+    (the official code fits its probe on all of PKU-SafeRLHF-30K's training responses). The
+    held-out prompts stay out, so nothing about the evaluation prompts shapes the neuron mask."""
+    from tactful.data.registry import load_benchmark
+    from tactful.io import atomic_write_json, atomic_write_jsonl
+
+    settings = {"source": source.name, "source_sha256": _sha256(source), "holdout_fraction": holdout_fraction,
+                "split_seed": split_seed, "pairs": "every pair of the training prompts"}
+    info_path = out / "probe_pairs.json"
+    if info_path.is_file() and (out / "probe_pairs.jsonl").is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("settings") == settings:
+            return info
+    train_pool, _ = split_by_prompt(load_benchmark(SOURCE_NAME, path=str(source)), holdout_fraction, split_seed)
+    atomic_write_jsonl(out / "probe_pairs.jsonl", [p.to_dict() for p in train_pool])
+    responses = {(p.prompt, r) for p in train_pool for r in (p.chosen, p.rejected)}
+    info = {"settings": settings, "pairs": len(train_pool), "distinct_responses": len(responses),
+            "prompts": len({prompt_key(p.prompt) for p in train_pool}),
+            "sha256": _sha256(out / "probe_pairs.jsonl")}
+    atomic_write_json(info_path, info)
+    return info

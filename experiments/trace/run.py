@@ -1,7 +1,8 @@
 """TRACE experiment: re-align a model when its written policy changes.
 
-    python experiments/trace/run.py                       # seed 0
-    python experiments/trace/run.py --seeds 0 1 2
+    python experiments/trace/run.py                       # official settings, seed 0
+    python experiments/trace/run.py --seeds 0 1 2         # every arm once per seed
+    python experiments/trace/run.py --settings ours       # the first runs' scaling (results/ of the README)
     python experiments/trace/run.py --quick               # smoke test: a few steps, 4 eval items, runs/ only
 
 Scenario, on the embedded model (SmolLM2-135M-Instruct), offline:
@@ -16,18 +17,29 @@ Scenario, on the embedded model (SmolLM2-135M-Instruct), offline:
 3. The policy changes to new-contextual.yaml (over-refusal of benign requests now violates; a
    refusal of a manipulation request must point to help; cybercrime, drugs and privacy allow
    some contexts). The data is triaged ONCE under it with the offline policy-rules judge.
-4. From the old-aligned model, the same budget for each arm: (a) naive DPO on the relabelled
-   pairs (swapped where the chosen answer violates and the rejected one complies, pairs where
-   both violate dropped, the rest kept), (b) NPO on every flagged response (trace.no_triage),
-   (c) TRACE with uniform weights (trace.no_impact_weights), (d) TRACE.
+4. From the old-aligned model, the same budget for each arm:
+   naive-dpo         DPO on the relabelled pairs with TRACE's adapter and beta (swapped where the
+                     chosen answer violates and the rejected one complies, pairs where both
+                     violate dropped, the rest kept): the matched baseline;
+   naive-dpo-paper   the paper's naive DPO as its code runs it: every relabelled pair (PUNISH
+                     pairs kept), beta 0.1, LoRA r16 on all linear layers;
+   npo-no-triage     NPO on every flagged response, KL on the rest (trace.no_triage, ours);
+   no-triage-paper   the paper's no-triage ablation: NPO on every relabelled pair's rejected
+                     response, no KL term (trace.no_triage_target=rejected);
+   trace-uniform     TRACE with uniform weights (trace.no_impact_weights);
+   trace             TRACE.
+   --settings official (default) scales TRACE's terms and builds its gold batch as the official
+   code does; --settings ours as the first runs did (see SETTINGS).
 
 Metrics on held-out prompts (built-in TEST split), judged by policy-rules under the NEW policy:
 agreement on prompts whose rule changed (harmful prompts in cybercrime, drugs, privacy,
 manipulation; prompts that only sound harmful), on prompts whose rule did not change (the other
 harm domains: must not regress), pooled target agreement; built-in multiple-choice capability.
 
-Raw outputs go to runs/exp-trace/ (not committed); aggregates, triage summary, impact-score
-statistics, timings and summary.md go to experiments/trace/results/. Finished arms are skipped.
+Raw outputs go to runs/exp-trace-official/ (ours: runs/exp-trace/; not committed); aggregates,
+per-item outputs (items.jsonl.gz: prompt id, response, outcome, seed, arm; no prompt text), each
+arm's config, the settings, triage summary, impact-score statistics, timings and summary.md go
+to experiments/trace/results-official/ (ours: results/). Finished arms are skipped.
 """
 
 from __future__ import annotations
@@ -46,25 +58,86 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
 from common import (copy_aggregates, evaluate, fmt_delta, is_complete, item_outcomes, safety_sft_start,  # noqa: E402
-                    summarise, train)
+                    save_item_outputs, summarise, train)
 
 OLD_POLICY, NEW_POLICY = "old-strict", "new-contextual"
 OLD_SOURCES = ["builtin-refusal-pairs", "builtin-terse-pairs", "builtin-cautious-pairs"]
-ARMS = ("naive-dpo", "npo-no-triage", "trace-uniform", "trace")
+ARMS = ("naive-dpo", "naive-dpo-paper", "npo-no-triage", "no-triage-paper", "trace-uniform", "trace")
+BASELINES = ("naive-dpo", "naive-dpo-paper")  # every other arm is compared with each one run
 SUITES = ["policy-changed", "policy-unchanged", "capability"]
 JUDGE_OPTIONS = {"policy": NEW_POLICY, "refusal": "embedding-minilm"}
 
-# The shift arms share TRACE's adapter and optimisation (the paper's: LoRA r32 / alpha 16 /
-# dropout 0.1 on q and v, beta 0.3; lr --lr, the paper's 1e-4 by default), so naive DPO differs from
-# TRACE only in its loss.
+# How TRACE's terms are scaled, and the gold batch.
+#   official: what respailab/TRACE runs (src/trace.py and its ablation scripts). Impact weights
+#     are normalised to sum 1 over the conflict pairs (compute_impact_scores); a micro-batch's
+#     loss is the plain SUM of w * l_inv, w * l_npo and alpha_KL * (per-sequence mean KL) of
+#     each RETAIN pair (the KL is not weighted); gold batch 64; per-device batch 1 with
+#     gradient accumulation 4, and the Trainer divides each micro-batch loss by the
+#     accumulation steps, so a step's loss is the MEAN of the pairs' terms. Here: micro-batch
+#     1 x accumulation --batch. The uniform-weight ablation (trace_no_impact_score.py) gives
+#     each conflict weight 1.0 (not 1/N), which is our weight_scale mean.
+#   ours: the first runs' choices (README): weights average 1 (weight_scale mean), gold batch
+#     12, micro-batch --batch (a step's loss is the sum over its pairs).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "official": {"weight_scale": "sum", "gold": 64, "micro_batch": 1, "uniform_weight_scale": "mean"},
+    "ours": {"weight_scale": "mean", "gold": 12, "micro_batch": None, "uniform_weight_scale": None},
+}
+
+# The matched shift arms share TRACE's adapter and optimisation (the paper's: LoRA r32 / alpha 16
+# / dropout 0.1 on q and v, beta 0.3; lr --lr), so naive DPO differs from TRACE only in its loss.
 SHIFT_COMMON = ["lora.r=32", "lora.alpha=16", "lora.dropout=0.1", "lora.target_modules=[q_proj, v_proj]",
                 "loss.beta=0.3", "training.max_length=256"]
-ARM_OVERRIDES: dict[str, tuple[str, list[str]]] = {
-    "naive-dpo": ("dpo.yaml", []),
-    "npo-no-triage": ("trace.yaml", ["trace.no_triage=true"]),
-    "trace-uniform": ("trace.yaml", ["trace.no_impact_weights=true"]),
-    "trace": ("trace.yaml", []),
+# The paper's naive DPO as the official code runs it (ablations/dpo_accelerate.py on the
+# relabelled "DPO-Gold" split): trl's DPO with its default beta 0.1, LoRA r16 / alpha 16 /
+# dropout 0.05 on every linear layer, on ALL relabelled pairs (INVERT swapped, PUNISH pairs kept
+# as they were, RETAIN as they were). Its lr (5e-5, half TRACE's 1e-4) is --paper-dpo-lr.
+PAPER_DPO = ["lora.r=16", "lora.alpha=16", "lora.dropout=0.05",
+             "lora.target_modules=[q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]",
+             "loss.beta=0.1", "training.max_length=256"]
+# arm -> (recipe, training data, overrides)
+ARM_OVERRIDES: dict[str, tuple[str, str, list[str]]] = {
+    "naive-dpo": ("dpo.yaml", "relabelled_pairs.jsonl", SHIFT_COMMON),
+    "naive-dpo-paper": ("dpo.yaml", "relabelled_all_pairs.jsonl", PAPER_DPO),
+    "npo-no-triage": ("trace.yaml", "triage", [*SHIFT_COMMON, "trace.no_triage=true"]),
+    # the paper's no-triage ablation (official trace_notriage.py): NPO on every relabelled pair's
+    # rejected response, impact weights over all pairs, no KL term
+    "no-triage-paper": ("trace.yaml", "triage", [*SHIFT_COMMON, "trace.no_triage=true",
+                                                 "trace.no_triage_target=rejected"]),
+    "trace-uniform": ("trace.yaml", "triage", [*SHIFT_COMMON, "trace.no_impact_weights=true"]),
+    "trace": ("trace.yaml", "triage", SHIFT_COMMON),
 }
+
+
+def resolve_settings(name: str, *, gold: int | None = None, weight_scale: str | None = None) -> dict[str, Any]:
+    """The named settings with explicit --gold / --weight-scale overrides applied."""
+    out = {"name": name, **SETTINGS[name]}
+    if gold is not None:
+        out["gold"] = gold
+    if weight_scale is not None:
+        out["weight_scale"] = weight_scale
+    return out
+
+
+def shift_overrides(arm: str, *, seed: int, start: Path, steps: int, batch: int, lr: float, settings: dict[str, Any],
+                    data: Path, triage_file: Path, paper_dpo_lr: float | None = None) -> tuple[str, list[str]]:
+    """(recipe, overrides) of one shift arm: its data, loss and adapter, the shared budget
+    (steps x batch pairs at lr), and the TRACE scaling and gold batch of `settings`."""
+    recipe, source, arm_overrides = ARM_OVERRIDES[arm]
+    micro = settings["micro_batch"] or batch
+    if batch % micro:
+        raise ValueError(f"--batch {batch} is not a multiple of the micro-batch {micro}")
+    rate = paper_dpo_lr if arm == "naive-dpo-paper" and paper_dpo_lr is not None else lr
+    out = [f"seed={seed}", f"start_from={start}", f"training.max_steps={steps}", f"training.learning_rate={rate}",
+           f"training.per_device_train_batch_size={micro}", f"training.gradient_accumulation_steps={batch // micro}",
+           "training.save_steps=20", "training.logging_steps=4", *arm_overrides]
+    if recipe == "dpo.yaml":
+        return recipe, [*out, f"data.sources=[{data / source}]", "data.n=null"]
+    scale = settings["weight_scale"]
+    if arm == "trace-uniform" and settings.get("uniform_weight_scale"):
+        scale = settings["uniform_weight_scale"]
+    return recipe, [*out, f"trace.triage_file={triage_file}", f"trace.gold_batch_size={settings['gold']}",
+                    f"trace.weight_scale={scale}", "trace.judge_options={refusal: embedding-minilm}"]
+
 
 # Seconds on 2 free cores, from CPU seconds measured with one thread on this (shared) machine
 # divided by 1.7 (see README, "Budget"): a training step at batch 4, impact scoring per conflict
@@ -149,6 +222,19 @@ def triage_once(pairs: Path, out: Path) -> dict[str, Any]:
     if summary["counts"]["FAILED"]:
         sys.exit(f"error: {summary['counts']['FAILED']} pairs got no verdict; run again to retry them")
     return summary
+
+
+def relabelled_all_pairs(triage_dir: Path, out: Path) -> dict[str, int]:
+    """The paper's relabelling for its naive DPO baseline (official datagen/oracle_triage_relabel.py):
+    INVERT pairs swapped, PUNISH pairs (both answers violate) kept as they were, RETAIN pairs as
+    they were; every pair is trained on."""
+    from tactful.io import atomic_write_jsonl
+    from tactful.methods.trace.triage import FAILED, INVERT, PUNISH, read_triage
+
+    triaged = [t for t in read_triage(triage_dir / "triage.jsonl") if t.label != FAILED]
+    atomic_write_jsonl(out, [t.training_pair().to_dict() for t in triaged])
+    return {"pairs": len(triaged), "swapped": sum(t.label == INVERT for t in triaged),
+            "kept_punish": sum(t.label == PUNISH for t in triaged)}
 
 
 def relabelled_pairs(triage_dir: Path, out: Path) -> dict[str, int]:
@@ -243,11 +329,11 @@ def pooled_agreement(eval_dir: Path, seed: int) -> dict[str, Any]:
 def claim_table(runs: Path, arms: list[str], seeds: list[int]) -> str:
     lines = ["| comparison | seed | pooled agreement | changed rules | unchanged rules | capability |",
              "|---|---|---|---|---|---|"]
+    baselines = [b for b in BASELINES if b in arms]
     for seed in seeds:
         base = runs / f"old-aligned-seed{seed}" / "eval"
-        naive = runs / f"naive-dpo-seed{seed}" / "eval"
-        for a, b, bdir in [(arm, "naive-dpo", naive) for arm in arms if arm != "naive-dpo"] + \
-                          [(arm, "old-aligned", base) for arm in arms]:
+        pairs = [(arm, b, runs / f"{b}-seed{seed}" / "eval") for b in baselines for arm in arms if arm not in BASELINES]
+        for a, b, bdir in pairs + [(arm, "old-aligned", base) for arm in arms]:
             adir = runs / f"{a}-seed{seed}" / "eval"
             if not ((adir / "metrics.json").exists() and (bdir / "metrics.json").exists()):
                 continue
@@ -284,37 +370,84 @@ def impact_table(results: Path, arms: list[str], seeds: list[int]) -> str:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
+def check_runs_settings(runs: Path, settings: dict[str, Any]) -> None:
+    """Finished arms are reused, so a runs directory must hold one set of settings: refuse to
+    mix (a run made with other settings would be skipped as finished and reported as this one)."""
+    path = runs / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            sys.exit(f"error: {runs} holds runs made with other settings ({old}); use another --runs directory")
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def estimate_s(args: argparse.Namespace, summary: dict[str, Any], gold: int) -> float:
+    """Seconds on 2 free cores for the whole run (CALIBRATION), printed before it starts."""
+    c = CALIBRATION
+    n_arms = len(args.arms) * len(args.seeds)
+    n_conf = summary["counts"]["INVERT"] + summary["counts"]["PUNISH"]
+    n_all = n_conf + summary["counts"]["RETAIN"]
+    per_seed_scoring = sum(gold * c["score_gold_s"] + (n_all if a == "no-triage-paper" else n_conf)
+                           * c["score_conflict_s"] for a in args.arms if a in ("trace", "npo-no-triage",
+                                                                             "no-triage-paper"))
+    return c["shared_s"] + len(args.seeds) * (args.old_steps * c["step_s"] + c["overhead_s"] + c["eval_s"]
+                                              + per_seed_scoring) + \
+        n_arms * (args.steps * c["step_s"] + c["overhead_s"] + c["eval_s"])
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="every arm (and the old-aligned model) is trained and evaluated once per seed")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--settings", default="official", choices=list(SETTINGS),
+                    help="TRACE's term scaling, gold batch and micro-batch: official (respailab/TRACE, the default) "
+                         "or ours (the first runs'); see SETTINGS")
     ap.add_argument("--pairs-n", type=int, default=40, help="prompts drawn from each of the three old sources")
     ap.add_argument("--old-steps", type=int, default=12, help="DPO steps aligning the start to the old policy")
     ap.add_argument("--steps", type=int, default=30, help="steps of every shift arm (batch --batch pairs)")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step of every shift arm")
     ap.add_argument("--lr", type=float, default=5e-4, help="learning rate of every shift arm")
+    ap.add_argument("--paper-dpo-lr", type=float, default=None,
+                    help="learning rate of naive-dpo-paper (default --lr; the official script's is 5e-5, half of "
+                         "TRACE's 1e-4)")
     ap.add_argument("--old-lr", type=float, default=1e-4, help="learning rate of the old-aligned DPO")
-    ap.add_argument("--gold", type=int, default=12, help="TRACE's gold batch size")
-    ap.add_argument("--weight-scale", default="mean", choices=["mean", "sum"],
-                    help="conflict weights average 1 (default here, see README) or sum to 1 (the paper)")
+    ap.add_argument("--gold", type=int, default=None, help="TRACE's gold batch size (default: from --settings)")
+    ap.add_argument("--weight-scale", default=None, choices=["mean", "sum"],
+                    help="conflict weights sum to 1 (official) or average 1 (ours) (default: from --settings)")
     ap.add_argument("--n-changed", type=int, default=48, help="held-out prompts whose rule changed")
     ap.add_argument("--n-unchanged", type=int, default=32, help="held-out prompts whose rule did not change")
     ap.add_argument("--limit", type=int, default=None, help="cap items per suite, capability included (smoke)")
     ap.add_argument("--start", default=None, help="start run (default: the safety-SFT run of the seed)")
-    ap.add_argument("--runs", default=None, help="raw outputs (default runs/exp-trace; --quick: runs/exp-trace-quick)")
-    ap.add_argument("--results", default=None, help="committed aggregates (default experiments/trace/results)")
+    ap.add_argument("--runs", default=None, help="raw outputs (default runs/exp-trace-official, with --settings ours "
+                                                 "runs/exp-trace; --quick: runs/exp-trace-quick-<settings>)")
+    ap.add_argument("--results", default=None, help="committed aggregates (default experiments/trace/results-official, "
+                                                    "with --settings ours experiments/trace/results)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 4 items per suite, 4 pairs per "
-                                                         "source, a 2-step SFT start, all under runs/exp-trace-quick")
+                                                         "source, a 2-step SFT start, all under runs/")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for the shift arms")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.quick:
-        args.steps, args.old_steps, args.pairs_n, args.gold = 3, 3, 4, 6
+        args.steps, args.old_steps, args.pairs_n = 3, 3, 4
+        args.gold = args.gold or 6
         args.limit = args.limit or 4
-    runs = Path(args.runs or ROOT / "runs" / ("exp-trace-quick" if args.quick else "exp-trace")).resolve()
-    results = Path(args.results or (runs / "results" if args.quick else HERE / "results"))
+    settings = resolve_settings(args.settings, gold=args.gold, weight_scale=args.weight_scale)
+    # "ours" keeps the directories of the committed first runs; the official settings get their own.
+    suffix = "" if args.settings == "ours" else f"-{args.settings}"
+    runs = Path(args.runs or ROOT / "runs" / (f"exp-trace-quick-{args.settings}" if args.quick
+                                              else f"exp-trace{suffix}")).resolve()
+    results = Path(args.results or (runs / "results" if args.quick else HERE / f"results{suffix}"))
     data = runs / "data"
     data.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
+    recorded = {**settings, "batch": args.batch, "steps": args.steps, "lr": args.lr,
+                "paper_dpo_lr": args.paper_dpo_lr if args.paper_dpo_lr is not None else args.lr, "extra": args.extra}
+    check_runs_settings(runs, recorded)
 
     # Shared by every arm and seed: held-out prompts, the old data, its triage, the relabelled pairs.
     t0 = time.time()
@@ -322,21 +455,27 @@ def main() -> None:
     pairs = old_pairs(data, args.pairs_n)
     summary = triage_once(pairs, runs / "triage")
     naive = relabelled_pairs(runs / "triage", data / "relabelled_pairs.jsonl")
+    naive_paper = relabelled_all_pairs(runs / "triage", data / "relabelled_all_pairs.jsonl")
     suites = write_suites(runs, args.n_changed, args.n_unchanged)
     shared_s = round(time.time() - t0, 1)
     (results / "triage_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / "data.json").write_text(json.dumps({"heldout": split, "old_pairs": summary["n_pairs"],
-                                                   "relabelled_for_naive_dpo": naive}, indent=2) + "\n")
+                                                   "relabelled_for_naive_dpo": naive,
+                                                   "relabelled_for_naive_dpo_paper": naive_paper}, indent=2) + "\n")
+    (results / "settings.json").write_text(json.dumps({
+        **recorded, "seeds": args.seeds, "arms": args.arms,
+        "meaning": {"weight_scale": "sum: conflict weights sum to 1 (official); mean: they average 1",
+                    "gold": "pairs in TRACE's gold batch (official default 64)",
+                    "micro_batch": "per-device batch of the shift arms; the rest of --batch is gradient "
+                                   "accumulation (official: 1 x 4, a step's loss is the mean of the pairs' terms); "
+                                   "null: --batch pairs in one micro-batch (a step's loss is their sum)",
+                    "uniform_weight_scale": "weight_scale of trace-uniform (official: 1.0 per conflict = mean)"}},
+        indent=2) + "\n")
 
-    n_arms = len(args.arms) * len(args.seeds)
-    c = CALIBRATION
-    n_conf = summary["counts"]["INVERT"] + summary["counts"]["PUNISH"]
-    scored = sum(a in ("trace", "npo-no-triage") for a in args.arms) * len(args.seeds)
-    est = c["shared_s"] + len(args.seeds) * (args.old_steps * c["step_s"] + c["overhead_s"] + c["eval_s"]) + \
-        n_arms * (args.steps * c["step_s"] + c["overhead_s"] + c["eval_s"]) + \
-        scored * (n_conf * c["score_conflict_s"] + args.gold * c["score_gold_s"])
-    print(f"{n_arms} shift arms + {len(args.seeds)} old-aligned, {args.steps} steps x batch {args.batch}; estimated "
-          f"time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
+    est = estimate_s(args, summary, settings["gold"])
+    print(f"{len(args.arms) * len(args.seeds)} shift arms + {len(args.seeds)} old-aligned, {args.steps} steps x batch "
+          f"{args.batch}, settings {args.settings}; estimated time on 2 free cores: {est / 60:.0f} min "
+          f"(threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -360,34 +499,29 @@ def main() -> None:
             start = train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
         else:
             start = safety_sft_start(seed)
-        steps = [f"training.per_device_train_batch_size={args.batch}", "training.save_steps=20",
-                 "training.logging_steps=4"]
-        # 1. the old-aligned model
+        # 1. the old-aligned model (our construction, not the paper's: same batch under both settings)
         name = f"old-aligned-seed{seed}"
         t = time.time()
         fresh = not is_complete(runs / name)
         old = train("dpo.yaml", runs / name, [f"seed={seed}", f"start_from={start}", f"data.sources=[{pairs}]",
                                               "data.n=null", f"training.max_steps={args.old_steps}",
-                                              f"training.learning_rate={args.old_lr}", *steps])
+                                              f"training.learning_rate={args.old_lr}",
+                                              f"training.per_device_train_batch_size={args.batch}",
+                                              "training.save_steps=20", "training.logging_steps=4"])
         t_train = time.time() - t if fresh else None
         ev_fresh = not (old / "eval" / "metrics.json").exists()
         t = time.time()
         ev = evaluate(old, suites, old / "eval", seed=seed, limit=args.limit, **eval_kw)
         copy_aggregates(ev, results / name, old)
+        save_item_outputs(ev, results / name, arm="old-aligned", seed=seed)
         record(name, old, t_train, ev_fresh, time.time() - t)
 
         # 2. the shift arms, all from the old-aligned model
         for arm in args.arms:
-            recipe, extra = ARM_OVERRIDES[arm]
-            overrides = [f"seed={seed}", f"start_from={old}", f"training.max_steps={args.steps}",
-                         f"training.learning_rate={args.lr}", *steps,
-                         *SHIFT_COMMON, *extra]
-            if recipe == "dpo.yaml":
-                overrides += [f"data.sources=[{data / 'relabelled_pairs.jsonl'}]", "data.n=null"]
-            else:
-                overrides += [f"trace.triage_file={runs / 'triage' / 'triage.jsonl'}",
-                              f"trace.gold_batch_size={args.gold}", f"trace.weight_scale={args.weight_scale}",
-                              "trace.judge_options={refusal: embedding-minilm}"]
+            recipe, overrides = shift_overrides(arm, seed=seed, start=old, steps=args.steps, batch=args.batch,
+                                                lr=args.lr, settings=settings, data=data,
+                                                triage_file=runs / "triage" / "triage.jsonl",
+                                                paper_dpo_lr=args.paper_dpo_lr)
             name = f"{arm}-seed{seed}"
             t = time.time()
             fresh = not is_complete(runs / name)
@@ -396,22 +530,30 @@ def main() -> None:
             ev_fresh = not (run_dir / "eval" / "metrics.json").exists()
             t = time.time()
             ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit, **eval_kw)
-            copy_aggregates(ev, results / name, run_dir)
+            # config.json too: the arm's full settings (lr, batch, accumulation, beta, adapter) in the results
+            copy_aggregates(ev, results / name, run_dir, run_files=("manifest.json", "config.json"))
+            save_item_outputs(ev, results / name, arm=arm, seed=seed)
             pooled = pooled_agreement(ev, seed)
             (results / name / "train_diagnostics.json").write_text(
-                json.dumps({**diagnostics(run_dir), "pooled_policy_agreement": pooled}, indent=2) + "\n")
+                json.dumps({**diagnostics(run_dir), "settings": args.settings, "pooled_policy_agreement": pooled},
+                           indent=2) + "\n")
             record(name, run_dir, t_train, ev_fresh, time.time() - t)
         pooled = pooled_agreement(old / "eval", seed)
         (results / f"old-aligned-seed{seed}" / "train_diagnostics.json").write_text(
             json.dumps({**diagnostics(old), "pooled_policy_agreement": pooled}, indent=2) + "\n")
 
+    micro = settings["micro_batch"] or args.batch
     header = "\n".join([
         "# TRACE experiment: results", "",
         f"Old data: {summary['n_pairs']} pairs chosen under {OLD_POLICY}; triage under {NEW_POLICY} with "
         f"{summary['judge']}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()) + ".",
-        f"Old-aligned: DPO {args.old_steps} steps (lr {args.old_lr:g}) from the safety-SFT start. Shift arms: {args.steps} steps x batch "
-        f"{args.batch}, LoRA r32 on q/v, beta 0.3, lr {args.lr:g}; TRACE weight scale {args.weight_scale}, gold batch "
-        f"{args.gold}.", "",
+        f"Old-aligned: DPO {args.old_steps} steps (lr {args.old_lr:g}) from the safety-SFT start. Shift arms: "
+        f"{args.steps} steps x {args.batch} pairs (micro-batch {micro} x accumulation {args.batch // micro}), lr "
+        f"{args.lr:g}; matched arms LoRA r32 on q/v, beta 0.3; naive-dpo-paper LoRA r16 on all linear layers, beta "
+        f"0.1, every relabelled pair (PUNISH kept), lr {args.paper_dpo_lr or args.lr:g}.",
+        f"Settings {args.settings}: TRACE weight scale {settings['weight_scale']}, gold batch {settings['gold']}"
+        + (f", trace-uniform weight scale {settings['uniform_weight_scale']}" if settings["uniform_weight_scale"]
+           else "") + " (results/settings.json). Per-item outputs: <arm>-seed<N>/items.jsonl.gz.", "",
         "Cells: agreement with the new policy (policy-rules judge) / multiple-choice accuracy, "
         "value [95% bootstrap CI] for one seed, mean ± sd over seeds.",
     ])

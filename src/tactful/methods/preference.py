@@ -426,6 +426,9 @@ class PreferenceSetup:
     run: RunDir
     device: Any
     log: Callable[[str], None]
+    # The frozen reference model, or None when the policy with its adapters disabled is the
+    # reference. A method that scores pairs before training (TRACE) must compare against it too.
+    ref_model: Any = None
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -532,7 +535,7 @@ def train_preference(
     collator = PairCollator(tokenizer.pad_token_id)
 
     setup = PreferenceSetup(config=config, model=model, tokenizer=tokenizer, pairs=list(pairs), dataset=dataset,
-                            run=run, device=args.device, log=log)
+                            run=run, device=args.device, log=log, ref_model=ref_model)
     if prepare is not None:
         prepare(setup)
 

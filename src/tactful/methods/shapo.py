@@ -1,31 +1,47 @@
 """`shapo`: sharpness-aware preference optimisation on probe-selected neurons (ShaPO).
 
 "Revisiting Robustness for LLM Safety Alignment via Selective Geometry Control"
-(arXiv 2602.07340; official code github liujilong0116/ShaPO). Preference training is
-brittle under noisy labels partly because of the geometry of the loss around the
-parameters that matter for safety. ShaPO flattens it there, and only there:
+(arXiv 2602.07340; official code github liujilong0116/ShaPO, read at commit dea6efb, May 2026).
+Preference training is brittle under noisy labels partly because of the geometry of the loss
+around the parameters that matter for safety. ShaPO flattens it there, and only there:
 
-1. Probe. A logistic regression on mean-pooled last-layer hidden states of responses
-   labelled safe / unsafe (the pairs' chosen_safe / rejected_safe labels, or a judge).
-   Toxic direction v = W[unsafe] - W[safe].
+1. Probe. A linear classifier on mean-pooled last-layer hidden states of responses labelled
+   safe / unsafe. Toxic direction v = W[unsafe] - W[safe].
+   Official (train_probe_pku_30k.py, gen_probe_vector.py): a linear head trained with Adam
+   (README: 10 epochs, lr 1e-5, batch 256) on both responses of every PKU-SafeRLHF-30K training
+   pair (length-filtered), pooled over prompt + response tokens, 256 responses held out at
+   random, on the PRETRAINED base model (get_sentive_n.py also scores the base model's
+   down-projections; preference training then starts from the SFT checkpoint).
+   Here: a logistic regression by L-BFGS, held out by prompt, on the starting model (whose
+   down-projections are the ones scored and perturbed), pooled over the response (or prompt +
+   response, `probe.pool: all`). Its labels: the training pairs' chosen_safe / rejected_safe,
+   or a judge; or `probe.file`, a probe fitted beforehand by `fit_probe_on_pairs` on any
+   labelled pairs (e.g. every labelled response available, as the official code does).
 2. Neurons. Every MLP neuron j of every layer writes its value vector, the column
    down_proj.weight[:, j], into the residual stream. Score each by cos(v, column) and
-   keep the top `mask_fraction` of all (layer, neuron) pairs, ranked by `sign`:
+   keep the top `mask_fraction` of all (layer, neuron) pairs (official: probe_percentage % of
+   num_hidden_layers x intermediate_size from the model config), ranked by `sign`:
      negative (default, the official code: ascending sort) - value vectors pointing
          AWAY from the toxic direction, i.e. the neurons that push outputs towards the
          safe side; the paper's "alignment-critical" neurons;
      positive - the most toxic-aligned value vectors (the opposite order, commented
          out in the official code; the "toxic neurons" of Lee et al. 2024);
      abs - both ends.
-3. Masked sharpness-aware step every `sam_interval`-th optimizer step (the others are the
-   plain preference step): g = dL/dW[:, selected] at theta; perturb only those columns,
-   eps = gamma * g with gamma ~ U[2e-6, 4e-6] ("official": no normalisation, no rho-ball)
-   or eps = rho * g / ||g|| ("sam": the classic SAM ascent step restricted to the mask);
-   recompute the loss at theta + eps; take the gradient there; remove eps exactly; step.
-4. Reward-level variant: soft labels p* = sigmoid(s (c(y_l) - c(y_w))) from a cost
-   function c, and the loss BCE(p*, sigmoid(beta h)) instead of the hard-label loss.
+3. Masked sharpness-aware step on every `sam_interval`-th batch (official interval_for_shapo:
+   (step + 1) % k == 0; k = 1 makes every step one); the others are the plain preference step.
+   Official, per micro-batch: the gradients accumulated so far are stashed; g = dL/dW at theta
+   from that micro-batch's (unscaled) loss; gamma ~ U[2e-6, 4e-6] drawn afresh; the selected
+   columns move, W += gamma * (g * mask) (no normalisation, no rho-ball); the loss at the
+   perturbed point, divided by the accumulation steps, is back-propagated on top of the stash;
+   then W -= gamma * (g * mask). Options here: `perturbation: official` is that step (gamma
+   from `gamma_min`/`gamma_max`, drawn per micro-batch); `perturbation: sam` is the classic SAM
+   ascent step restricted to the mask, eps = rho * g / ||g||.
+4. Reward-level variant: soft labels p* = sigmoid(s (c(y_l) - c(y_w))) from a cost function c
+   (official: the beaver-7b-v1.0-cost model, s = reward_beta = 10), and the loss
+   BCE(p*, sigmoid(beta h)) instead of the hard-label loss.
 
-It composes with every base loss (sigmoid / cdpo / rdpo / ipo / simpo) and with Dr.DPO,
+It composes with every base loss (sigmoid / cdpo / rdpo / ipo / simpo) and with Dr.DPO
+(`loss.drdpo`; the official README's runs use it: loss.mode_loss=DrDPO, beta 0.1, weight 1),
 because it only changes *where* the gradient is taken, through `PreferenceTrainer`.
 
 How the perturbation meets LoRA (and why it is done with hooks)
@@ -46,16 +62,17 @@ carries LoRA). Consequences:
   columns are never trained, only used as the direction of the sharpness probe.
   (Training the selected columns themselves under LoRA would need an extra non-PEFT
   weight delta in the artifact; full fine-tuning gives that, faithfully, if wanted.)
-- Restoring is exact by construction: no weight is ever modified, the hook is removed
-  (the official code subtracts gamma * g with the *unmasked* g, which also shifts the
-  unselected columns by -gamma * g; we do not reproduce that slip).
+- Restoring is exact by construction: no weight is ever modified, the hook is removed.
+  (The official code now subtracts the same masked gamma * g it added, exact up to floating
+  point rounding; an earlier commit subtracted the unmasked g, shifting the other columns.)
 - It is meant to work under DDP (hooks live on the inner modules; the probing pass runs on
   the unwrapped model and its small gradient is averaged across processes); only the
   single-process path is tested. FSDP / ZeRO-3 (sharded down-projections) are not supported.
 
-The official code has two schedules: every k-th step is sharpness-aware (its "same_steps",
-what we implement), or k plain steps are followed by an *extra* sharpness-aware step on a
-batch resampled from the last k, with losses scaled by k/(k+1).
+The current official code has one schedule, the one implemented here. An earlier commit also
+offered k plain steps followed by an *extra* sharpness-aware step on a batch resampled from the
+last k, losses scaled by k/(k+1) (`same_steps: false`); it was removed (the config key remains,
+unread).
 
 Reference log-probs for a SAM step are computed once, before any perturbation, so the
 reference is never perturbed (with LoRA the reference is the same modules with adapters
@@ -68,6 +85,7 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -101,7 +119,11 @@ class ProbeSettings:
         "(e.g. string-xstest, embedding-minilm: a refusal counts as safe)")})
     pool: str = field(default="response", metadata={"choices": ("response", "all"), "help": (
         "Mean-pool hidden states over the response tokens, or over prompt + response as the official code does")})
-    max_examples: int = field(default=256, metadata={"help": "Responses used to fit the probe (seeded subsample)."})
+    max_examples: int | None = field(default=256, metadata={"help": (
+        "Responses used to fit the probe (seeded subsample); null: all of them.")})
+    file: str | None = field(default=None, metadata={"help": (
+        "A probe fitted elsewhere (a shapo_probe.safetensors, e.g. on every labelled response available, see "
+        "`fit_probe_on_pairs`): its direction is used and no probe is fitted on the training pairs.")})
     steps: int = field(default=100, metadata={"help": "L-BFGS iterations of the logistic regression."})
     l2: float = field(default=1e-3, metadata={"help": "L2 penalty on the probe weights."})
     batch_size: int = 8
@@ -452,7 +474,7 @@ def soft_labels(costs: Sequence[tuple[float, float]], scale: float) -> list[floa
 # ---------------------------------------------------------------- the run
 
 
-def _probe_items(pairs: Sequence[PreferencePair], labels: str, max_examples: int,
+def _probe_items(pairs: Sequence[PreferencePair], labels: str, max_examples: int | None,
                  seed: int) -> tuple[list[tuple[str, str]], list[bool]]:
     """Unique (prompt, response) items and their unsafe labels, seeded subsample."""
     if labels == "pairs":
@@ -472,13 +494,76 @@ def _probe_items(pairs: Sequence[PreferencePair], labels: str, max_examples: int
             seen.setdefault((p.prompt, p.chosen), cw > 0.5)
             seen.setdefault((p.prompt, p.rejected), cl > 0.5)
         items, unsafe = list(seen), list(seen.values())
-    if len(items) > max_examples:
+    if max_examples is not None and len(items) > max_examples:
         keep = sorted(random.Random(seed).sample(range(len(items)), max_examples))
         items, unsafe = [items[i] for i in keep], [unsafe[i] for i in keep]
     return items, unsafe
 
 
-def _saved_mask_matches(mask_path: Any, probe_path: Any, s: ShaPOSettings, n_layers: int) -> bool:
+def fit_probe_on_pairs(model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], settings: ProbeSettings, *,
+                       seed: int = 0, system: str | None = None, max_length: int = 384,
+                       log: Callable[[str], None] = print) -> tuple[Probe, dict[str, Any]]:
+    """Fit the toxicity probe on the labelled responses of `pairs` with `model` as it is (call
+    it on the starting model). Returns the probe and what the manifest records about it,
+    timings included (the hidden-state pass is the cost that grows with the data)."""
+    import time
+
+    items, unsafe = _probe_items(pairs, settings.labels, settings.max_examples, seed)
+    log(f"fitting the toxicity probe on {len(items)} responses ({sum(unsafe)} unsafe)")
+    t0 = time.perf_counter()
+    feats = pooled_hidden_states(model, tokenizer, items, pool=settings.pool, system=system, max_length=max_length,
+                                 batch_size=settings.batch_size)
+    t1 = time.perf_counter()
+    probe = fit_probe(feats.cpu(), torch.tensor(unsafe), steps=settings.steps, l2=settings.l2, seed=seed,
+                      groups=[prompt for prompt, _ in items])
+    t2 = time.perf_counter()
+    info = {"train_accuracy": probe.train_accuracy, "heldout_accuracy": probe.heldout_accuracy,
+            "n_train": probe.n_train, "n_heldout": probe.n_heldout, "n_unsafe": int(sum(unsafe)),
+            "labels": settings.labels, "pool": settings.pool, "heldout_split": "by prompt",
+            "seconds": {"hidden_states": round(t1 - t0, 2), "fit": round(t2 - t1, 2)}}
+    log(f"probe accuracy: train {probe.train_accuracy:.3f}"
+        + (f", held-out {probe.heldout_accuracy:.3f} (n={probe.n_heldout})" if probe.heldout_accuracy is not None
+           else ""))
+    return probe, info
+
+
+def save_probe(path: Any, probe: Probe, info: dict[str, Any]) -> None:
+    """The probe as safetensors (direction, weight, bias), with `info` as JSON metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({"direction": probe.direction.contiguous(), "weight": probe.weight.contiguous(),
+               "bias": probe.bias.contiguous()}, str(path),
+              metadata={"classes": "safe,unsafe", "info": json.dumps(info, sort_keys=True)})
+
+
+def load_probe(path: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(toxic direction, recorded info) of a probe written by `save_probe`."""
+    import json
+
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise UserError(f"probe.file {path} does not exist")
+    with safe_open(str(path), "pt") as f:
+        if "direction" not in set(f.keys()):
+            raise UserError(f"probe.file {path} holds no 'direction' tensor (not a ShaPO probe)")
+        meta = f.metadata() or {}
+        direction = f.get_tensor("direction")
+    return direction, json.loads(meta.get("info", "{}"))
+
+
+def _probe_source(pr: ProbeSettings) -> str:
+    """What the probe came from, so a mask saved in the run is reused only for the same probe."""
+    import hashlib
+
+    if pr.file:
+        return "file:" + hashlib.sha256(Path(pr.file).read_bytes()).hexdigest()[:16]
+    return f"fitted:{pr.labels}:{pr.pool}:{pr.max_examples}"
+
+
+def _saved_mask_matches(mask_path: Any, probe_path: Any, s: ShaPOSettings, n_layers: int, source: str) -> bool:
     """A probe and mask from an earlier run in this directory, made with the same selection settings."""
     from safetensors import safe_open
 
@@ -488,11 +573,15 @@ def _saved_mask_matches(mask_path: Any, probe_path: Any, s: ShaPOSettings, n_lay
         meta = f.metadata() or {}
         keys = set(f.keys())
     return (meta.get("sign") == s.sign and meta.get("mask_fraction") == str(s.mask_fraction)
+            # masks saved before the probe source was recorded were fitted on the run's own pairs
+            and meta.get("probe_source", source if source.startswith("fitted:") else None) == source
             and {f"mask.{i}" for i in range(n_layers)} <= keys)
 
 
 def prepare_shapo(setup: PreferenceSetup) -> None:
     """Probe, neuron mask, optional soft labels; saved into the run and handed to the trainer."""
+    import shutil
+
     from safetensors.torch import load_file, save_file
 
     config: ShaPOConfig = setup.config  # type: ignore[assignment]
@@ -505,9 +594,10 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
     modules = down_projections(model)
     probe_path, mask_path = run.path / "shapo_probe.safetensors", run.path / "shapo_mask.safetensors"
 
+    source = _probe_source(pr)
     if not is_main_process():
         masks = scores = probe_info = None  # the main process fits the probe, writes it and shares the mask below
-    elif config.resume and _saved_mask_matches(mask_path, probe_path, s, len(modules)):
+    elif config.resume and _saved_mask_matches(mask_path, probe_path, s, len(modules), source):
         # Resuming: the probe was fitted on the starting model; reuse it rather than refit.
         saved_probe, saved = load_file(str(probe_path)), load_file(str(mask_path))
         direction = saved_probe["direction"]
@@ -516,26 +606,30 @@ def prepare_shapo(setup: PreferenceSetup) -> None:
         probe_info = {"reused": True}
         log(f"reusing the ShaPO probe and mask in {run.path}")
     else:
-        items, unsafe = _probe_items(setup.pairs, pr.labels, pr.max_examples, config.seed)
-        log(f"fitting the toxicity probe on {len(items)} responses ({sum(unsafe)} unsafe)")
-        ctx = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
-        with ctx:  # the starting model (at init LoRA adds exactly zero anyway)
-            feats = pooled_hidden_states(model, setup.tokenizer, items, pool=pr.pool, system=config.system,
-                                         max_length=config.training.max_length, batch_size=pr.batch_size)
-        probe = fit_probe(feats.cpu(), torch.tensor(unsafe), steps=pr.steps, l2=pr.l2, seed=config.seed,
-                          groups=[prompt for prompt, _ in items])
-        direction = probe.direction
+        if pr.file:  # fitted beforehand (e.g. on every labelled response available): copied into the run
+            direction, fitted = load_probe(pr.file)
+            d_model = base_weight(modules[0]).shape[0]
+            if direction.numel() != d_model:
+                raise UserError(f"probe.file {pr.file} has a {direction.numel()}-dimensional direction; this model's "
+                                f"hidden size is {d_model}")
+            shutil.copyfile(pr.file, probe_path)
+            probe_info = {**fitted, "from_file": str(pr.file)}
+            log(f"ShaPO probe from {pr.file}" + (f" (held-out accuracy {fitted['heldout_accuracy']:.3f})"
+                                                  if fitted.get("heldout_accuracy") is not None else ""))
+        else:
+            ctx = model.disable_adapter() if is_peft(model) else contextlib.nullcontext()
+            with ctx:  # the starting model (at init LoRA adds exactly zero anyway)
+                probe, probe_info = fit_probe_on_pairs(model, setup.tokenizer, setup.pairs, pr, seed=config.seed,
+                                                       system=config.system, max_length=config.training.max_length,
+                                                       log=log)
+            direction = probe.direction
+            save_probe(probe_path, probe, probe_info)
         scores = neuron_scores(modules, direction)
         masks = select_neurons(scores, s.mask_fraction, s.sign)
-        probe_info = {"train_accuracy": probe.train_accuracy, "heldout_accuracy": probe.heldout_accuracy,
-                      "n_train": probe.n_train, "n_heldout": probe.n_heldout, "labels": pr.labels, "pool": pr.pool}
-        save_file({"direction": direction.contiguous(), "weight": probe.weight.contiguous(),
-                   "bias": probe.bias.contiguous()}, str(probe_path), metadata={"classes": "safe,unsafe"})
         tensors = {f"mask.{i}": m.contiguous() for i, m in enumerate(masks)}
         tensors.update({f"score.{i}": sc.float().cpu().contiguous() for i, sc in enumerate(scores)})
-        save_file(tensors, str(mask_path), metadata={"sign": s.sign, "mask_fraction": str(s.mask_fraction)})
-        log(f"probe accuracy: train {probe.train_accuracy:.3f}"
-            + (f", held-out {probe.heldout_accuracy:.3f}" if probe.heldout_accuracy is not None else ""))
+        save_file(tensors, str(mask_path), metadata={"sign": s.sign, "mask_fraction": str(s.mask_fraction),
+                                                     "probe_source": source})
     # Every process must perturb the same neurons: the main process's choice.
     masks, scores, probe_info = share_from_main((masks, scores, probe_info), what="fitting the ShaPO probe")
 

@@ -28,9 +28,12 @@ step. `method="loop"` is the brute-force reference: one autograd.grad per sample
 picks ghost unless a trainable parameter is not (only) an nn.Linear weight or bias, e.g.
 tied embeddings in full fine-tuning.
 
-Scores are computed at the reference parameters (a fresh adapter), where pi_theta = pi_ref,
-so the reference log-probs are the policy's own (detached): no second forward. Pass
-`reference` to score elsewhere (the tests compare ghost and loop at random adapters).
+Scores are computed at the starting parameters (a fresh adapter), as the official code does.
+When the reference IS the starting model (recipe `reference: base` and a LoRA update that is
+still exactly zero) pi_theta = pi_ref there, so the reference log-probs are the policy's own
+(detached): no second forward. Otherwise the reference is another function and the scores must
+use it: `scoring_reference` picks the right one (a separate frozen model, the policy with its
+adapter disabled, or the shortcut) and train.py passes it as `reference`.
 """
 
 from __future__ import annotations
@@ -100,6 +103,57 @@ def gold_composition(gold: Sequence[PreferencePair]) -> dict[str, int]:
 
 def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def adapter_is_zero(model: Any) -> bool:
+    """Whether `model` is a PEFT model whose every LoRA B matrix is exactly zero, i.e. the
+    adapter adds nothing and the policy equals the model with its adapter disabled."""
+    from tactful.methods.common import is_peft
+
+    if not is_peft(model):
+        return False
+    b = [p for n, p in model.named_parameters() if "lora_B" in n or "lora_embedding_B" in n]
+    return bool(b) and all(not bool(p.detach().any()) for p in b)
+
+
+def frozen_model_reference(ref: Any) -> ReferenceFn:
+    """Reference log-probs from a separate frozen model (a recipe `reference` that is not the
+    starting model), in eval mode (no dropout) and without gradient."""
+    from tactful.methods.preference import _eval_mode_logps
+
+    def reference(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = _eval_mode_logps(ref, batch)
+        return out.chosen, out.rejected
+
+    return reference
+
+
+def disabled_adapter_reference(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs from the policy itself with its adapter disabled (the starting model)."""
+    from tactful.methods.preference import _eval_mode_logps
+
+    with torch.no_grad(), model.disable_adapter():
+        out = _eval_mode_logps(model, batch)
+    return out.chosen, out.rejected
+
+
+def scoring_reference(model: Any, ref_model: Any = None) -> tuple[ReferenceFn | None, str]:
+    """The reference the impact scores compare against, and a description for the manifest.
+
+    The scores must use the same reference as the training loss: with a separate reference
+    model (a recipe `reference` other than base, or full fine-tuning's frozen copy) that model;
+    with `reference: base` under LoRA, the starting model, which the policy equals while its
+    adapter is zero (then no second forward is needed)."""
+    if ref_model is not None:
+        return frozen_model_reference(ref_model), "reference model"
+    if adapter_is_zero(model):
+        return None, "policy at start (adapter zero: pi_theta = pi_ref)"
+    from tactful.methods.common import is_peft
+
+    if is_peft(model):
+        return disabled_adapter_reference, "policy with its adapter disabled"
+    raise UserError("impact scores need a reference: a LoRA policy or a frozen reference model")
 
 
 def _at_reference(policy: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,5 +373,6 @@ def score_impact(model: Any, tokenizer: Any, dataset: PairDataset, indices: Sequ
                         seconds={"gold_gradient": round(t1 - t0, 3), "per_sample": round(t2 - t1, 3)})
 
 
-__all__ = ["ImpactResult", "METHODS", "build_gold_batch", "ghost_dots", "ghost_supported", "gold_composition",
-           "gold_gradient", "impact_weights", "loop_dots", "score_impact", "trainable_parameters"]
+__all__ = ["ImpactResult", "METHODS", "adapter_is_zero", "build_gold_batch", "disabled_adapter_reference",
+           "frozen_model_reference", "ghost_dots", "ghost_supported", "gold_composition", "gold_gradient",
+           "impact_weights", "loop_dots", "score_impact", "scoring_reference", "trainable_parameters"]

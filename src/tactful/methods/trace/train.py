@@ -11,8 +11,9 @@ one forward for chosen + rejected, the reference as the same model with its adap
 disabled, the Trainer (checkpoints, resume, accumulation, report_to, accelerate), saving and
 the manifest. This module adds the triage, the scores and `TraceTrainer.pair_losses`.
 
-Ablations (the paper's): trace.no_triage (NPO on every response the judge flags, no
-inversion), trace.no_impact_weights (uniform weights), trace.no_kl (no RETAIN term).
+Ablations: trace.no_triage (no inversion; trace.no_triage_target says what is suppressed: every
+response the judge flags, ours, or every relabelled pair's rejected response without a KL term,
+the paper's), trace.no_impact_weights (uniform weights), trace.no_kl (no RETAIN term).
 Oracle variant: trace.oracle trains PUNISH pairs as (corrected > old chosen) when the pair
 has a correction (meta["corrected"]) that the judge says complies; others stay NPO.
 
@@ -87,6 +88,8 @@ from tactful.runs import RUN_LOADERS, RunDir
 
 # ---------------------------------------------------------------- config
 
+NO_TRIAGE_TARGETS = ("flagged", "rejected")
+
 
 @dataclass
 class TraceSettings:
@@ -116,8 +119,14 @@ class TraceSettings:
         "scale of one loss.")})
     oracle: bool = field(default=False, metadata={"help": (
         "Oracle variant: PUNISH pairs with a compliant correction (meta['corrected']) train (correction > chosen).")})
-    no_triage: bool = field(default=False, metadata={"help": "Ablation: NPO on every flagged response, no inversion."})
-    no_impact_weights: bool = field(default=False, metadata={"help": "Ablation: uniform conflict weights."})
+    no_triage: bool = field(default=False, metadata={"help": "Ablation: no triage (see no_triage_target)."})
+    no_triage_target: str = field(default="flagged", metadata={"choices": NO_TRIAGE_TARGETS, "help": (
+        "What the no-triage ablation suppresses. flagged (ours): NPO on each response the judge flags, KL on pairs "
+        "with none flagged. rejected (the paper's, official trace_notriage.py): NPO on the rejected response of "
+        "every relabelled pair (INVERT pairs swapped), no KL term, impact weights over all pairs.")})
+    no_impact_weights: bool = field(default=False, metadata={"help": (
+        "Ablation: uniform conflict weights, 1/N each under weight_scale sum; the official script "
+        "(trace_no_impact_score.py) gives each conflict weight 1, which is weight_scale mean.")})
     no_kl: bool = field(default=False, metadata={"help": "Ablation: no KL term (RETAIN pairs are not trained on)."})
 
 
@@ -158,6 +167,9 @@ def check_trace_config(config: TraceConfig) -> None:
         raise UserError(f"trace.alpha_kl must be >= 0, got {t.alpha_kl}")
     if t.gamma <= 0:
         raise UserError(f"trace.gamma must be > 0, got {t.gamma}")
+    if t.no_triage_target not in NO_TRIAGE_TARGETS:
+        raise UserError(f"trace.no_triage_target must be one of {', '.join(NO_TRIAGE_TARGETS)}, got "
+                        f"{t.no_triage_target!r}")
     if t.gold_batch_size < 1:
         raise UserError(f"trace.gold_batch_size must be >= 1, got {t.gold_batch_size}")
 
@@ -182,8 +194,10 @@ def build_training_set(triaged: Sequence[TriagedPair], settings: TraceSettings) 
     """Turn triaged pairs into training pairs with their loss kind (see the module docstring).
 
     INVERT -> PREF on the swapped pair; PUNISH -> NPO on both (PREF with the correction when
-    oracle); RETAIN -> KL (left out with no_kl or alpha_kl 0). no_triage: NPO on each flagged
-    response of every pair, KL for pairs with nothing flagged."""
+    oracle); RETAIN -> KL (left out with no_kl or alpha_kl 0). no_triage with target "flagged":
+    NPO on each flagged response of every pair, KL for pairs with nothing flagged; with target
+    "rejected" (the paper's ablation): NPO on the rejected response of every relabelled pair
+    and no KL pairs at all, so every pair is scored and weighted."""
     ts = TrainingSet([], [], [], [], [])
     keep_retain = not settings.no_kl and settings.alpha_kl > 0
 
@@ -196,6 +210,11 @@ def build_training_set(triaged: Sequence[TriagedPair], settings: TraceSettings) 
 
     for t in triaged:
         if t.label == FAILED:
+            continue
+        if settings.no_triage and settings.no_triage_target == "rejected":
+            # The official ablation trains on the relabelled data (INVERT pairs already swapped)
+            # and suppresses each pair's rejected response, whatever its label.
+            add(t.training_pair(), KIND_NPO, t.label, 0.0, 1.0)
             continue
         if settings.no_triage:
             c, r = t.chosen.label == VIOLATES, t.rejected.label == VIOLATES
@@ -343,7 +362,7 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
                   summary: dict[str, Any]) -> None:
     """Called by `train_preference` once the LoRA model and the pair dataset exist: add the
     TRACE columns, compute (or reuse) the impact weights at the reference parameters."""
-    from tactful.methods.trace.impact import build_gold_batch, score_impact
+    from tactful.methods.trace.impact import build_gold_batch, score_impact, scoring_reference
 
     config: TraceConfig = setup.config  # type: ignore[assignment]
     t = config.trace
@@ -362,11 +381,16 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
         impact = {"method": "uniform (no_impact_weights)"}
     else:
         gold = build_gold_batch(triaged, t.gold_batch_size, seed=config.seed)
+        # The scores compare against the same reference as the loss: a separate reference model
+        # when the recipe names one, else the starting model (see impact.scoring_reference).
+        if setup.ref_model is not None:
+            setup.ref_model.to(setup.device)
+        reference, reference_desc = scoring_reference(setup.model, setup.ref_model)
         key = _fingerprint({"pairs": [p.to_dict() for p in training.pairs], "kind": training.kind,
                             "npo": [training.npo_chosen, training.npo_rejected], "gold": [p.to_dict() for p in gold],
                             "beta": config.loss.beta, "gamma": t.gamma, "model": config.model,
                             "start_from": config.start_from, "lora": asdict(config.lora), "max_length": config.training.max_length,
-                            "system": config.system})
+                            "system": config.system, "reference": config.reference})
         path = run.path / "impact_scores.json"
         saved = json.loads(path.read_text()) if path.is_file() else None
         if not is_main_process():
@@ -378,8 +402,10 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
             log(f"impact scores: gold batch of {len(gold)} pairs, {len(conflict)} conflict pairs to score")
             result = score_impact(setup.model, setup.tokenizer, ds, conflict, gold, beta=config.loss.beta,
                                   gamma=t.gamma, batch_size=t.scoring_batch_size, method=t.scoring_method,
-                                  max_length=config.training.max_length, system=config.system, log=log)
+                                  max_length=config.training.max_length, system=config.system, reference=reference,
+                                  log=log)
             impact = {"fingerprint": key, "judge": summary["judge"], "policy": summary["policy"], **result.to_dict(),
+                      "reference": {"recipe": config.reference, "scored_against": reference_desc},
                       "ids": [training.pairs[i].id for i in conflict]}
             run.write_json("impact_scores.json", impact)
             log(f"impact scores ({result.method}): {impact['n_positive']} of {len(conflict)} pairs get weight; "
@@ -409,7 +435,8 @@ def prepare_trace(setup: PreferenceSetup, *, training: TrainingSet, triaged: Seq
         "impact_file": None if t.no_impact_weights else "impact_scores.json",
         "alpha_kl": t.alpha_kl, "gamma": t.gamma, "beta": config.loss.beta, "weight_scale": t.weight_scale,
         "oracle": t.oracle, "ablations": {"no_triage": t.no_triage, "no_impact_weights": t.no_impact_weights,
-                                          "no_kl": t.no_kl},
+                                          "no_kl": t.no_kl,
+                                          "no_triage_target": t.no_triage_target if t.no_triage else None},
     }
 
 
