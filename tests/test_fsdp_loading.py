@@ -290,6 +290,66 @@ def test_loading_without_fsdp_is_unchanged(model_dirs, monkeypatch):
     assert not distributed.ram_efficient_loading()
 
 
+def test_training_dtype_defaults(monkeypatch):
+    """Unset: float32 on CPU (as before); on a GPU the checkpoint's, except full fine-tuning where
+    nothing keeps float32 master weights."""
+    from tactful.errors import UserError
+    from tactful.models import training_dtype
+
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_DEEPSPEED",
+                "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    assert training_dtype("bfloat16") == "bfloat16"
+    with pytest.raises(UserError, match="unknown dtype"):
+        training_dtype("bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_dtype(None) == training_dtype(None, full_finetune=True) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_dtype(None) == "auto"
+    assert training_dtype(None, full_finetune=True) == "float32"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # FSDP upcasts what trains
+    assert training_dtype(None, full_finetune=True) == "auto"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert training_dtype(None, full_finetune=True) == "float32"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # DeepSpeed keeps its own fp32 copy
+    assert training_dtype(None, full_finetune=True) == "auto"
+
+
+def test_checkpoint_dtype_and_loading_in_it(tmp_path):
+    from tactful.models import checkpoint_dtype, load_model, tiny_model
+
+    model, tok = tiny_model(seed=0, num_layers=1)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    assert checkpoint_dtype(str(tmp_path)) == torch.bfloat16
+    loaded, _ = load_model(str(tmp_path), dtype="auto")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert checkpoint_dtype(str(tmp_path)) == torch.bfloat16  # from the safetensors header
+
+
+def test_materialize_trainable_gives_storage_to_what_trains_only(model_dirs):
+    from tactful.methods.common import LoraSettings, prepare_trainable
+    from tactful.models import _empty_model, materialize_trainable
+
+    model = _empty_model("base", model_dirs["base"], torch.float32, trust_remote_code=False)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    peft = prepare_trainable(model, LoraSettings(r=2, alpha=4, target_modules=["q_proj"]))
+    trained = [p for p in peft.parameters() if p.requires_grad]
+    assert trained and all(p.device.type == "cpu" for p in trained)
+    assert len({p.data_ptr() for p in trained}) == len(trained)  # what accelerate maps the optimizer by
+    assert all(p.is_meta for p in peft.parameters() if not p.requires_grad)
+    full = _empty_model("base", model_dirs["base"], torch.float32, trust_remote_code=False)
+    materialize_trainable(full)
+    assert not any(p.is_meta for p in full.parameters())
+    assert full.get_output_embeddings().weight is full.get_input_embeddings().weight  # still tied
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker(sys.argv[2])
