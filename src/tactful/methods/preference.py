@@ -453,9 +453,10 @@ def make_reference(config: DPOConfig, model: Any, tokenizer: Any) -> Any:
         if config.lora.enabled:
             return None  # implicit: the same model with adapters disabled
         ref = copy.deepcopy(model)  # full fine-tuning changes the weights: keep a frozen copy
-        if ram_efficient_loading():
+        if ram_efficient_loading() and not (config.precompute_ref_logps or config.ref_logps_cache):
             # The policy's weights exist on the main process only (FSDP will broadcast them when it
-            # shards); the reference stays whole on every process, so it is copied over now.
+            # shards); the reference stays whole on every process, so it is copied over now. (With
+            # precomputed log-probs only the main process uses it, before training.)
             from tactful.distributed import broadcast_module
 
             broadcast_module(ref)
