@@ -275,6 +275,51 @@ def deepspeed_zero_stage() -> int | None:
     return int(stage) if stage not in (None, "", "None") else None
 
 
+def ram_efficient_loading() -> bool:
+    """True when this launch is FSDP with `fsdp_cpu_ram_efficient_loading: true`: only the main
+    process needs the model's weights before sharding; FSDP broadcasts them to the others.
+
+    Read from what `accelerate launch` puts in the environment (the same variables transformers and
+    accelerate read), so every process agrees before any of them loads anything."""
+    env = os.environ
+    return (env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+            and env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() == "true" and is_distributed())
+
+
+def zero3_init() -> bool:
+    """True when this launch is DeepSpeed ZeRO-3 with `zero3_init_flag: true`: a model that goes
+    straight into the Trainer can be partitioned while it loads (`deepspeed.zero.Init`)."""
+    return (deepspeed_zero_stage() == 3
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true")
+
+
+def broadcast_module(module: Any) -> Any:
+    """Every process gets the main process's parameters and buffers in `module` (in place).
+
+    For a frozen module the other processes need whole while they hold no weights of their own
+    (built on the meta device under RAM-efficient loading): they allocate it and receive every
+    tensor from the main process, one at a time. A no-op in a single process."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return module
+    import torch
+
+    if not is_main_process():
+        module.to_empty(device="cpu")  # keeps tied parameters tied (one Parameter, new storage)
+    device = _comm_device()
+    seen: set[int] = set()
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:  # the same order on every process
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            buf = t.data.to(device)
+            dist.broadcast(buf, src=0)
+            if not is_main_process():
+                t.data.copy_(buf)
+    return module
+
+
 def engine_name() -> str:
     """A short name for the launch: single process, DDP, FSDP or DeepSpeed ZeRO-n."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -365,41 +366,209 @@ def load_model(
     *,
     adapter: str | None = None,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: Any = "cpu",
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     trainable_adapter: bool = False,
+    for_training: bool = False,
+    partitioned: bool = False,
 ) -> tuple[Any, Any]:
     """Resolve a model spec to `(model, tokenizer)`.
 
     spec: a named local model (`embedded` / `smollm2-135m-instruct`, `gemma3-270m`), a local
     directory or a hub id.
     adapter: an optional PEFT adapter directory to put on top.
+    dtype: float32, bfloat16, float16, or auto (the checkpoint's own; see `training_dtype`).
     trust_remote_code stays off unless the caller turns it on.
+
+    for_training: the model is about to be handed to a Trainer, which shards it under FSDP or
+    ZeRO-3. Under FSDP with RAM-efficient loading (`distributed.ram_efficient_loading`) only the
+    main process reads the weights; the others build the model on the meta device (no memory, no
+    reads), and the Trainer's FSDP broadcasts the main process's values when it shards. Such a
+    model has no weights to compute with: `weights_deferred` tells, `to_device` leaves it alone,
+    and work before training must run on the main process (`run_on_main`).
+    partitioned: with for_training, nothing uses the weights before the Trainer does. Under
+    DeepSpeed ZeRO-3 with `zero3_init_flag: true` the model is then partitioned across the
+    processes while it loads (`deepspeed.zero.Init`), so no process ever holds all of it.
+    Every other load is whole, even while a ZeRO-3 Trainer exists (it would otherwise partition it).
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from tactful import distributed
 
     path = resolve_model_path(spec)
     _check_model_dir(path, spec)
     tok = load_tokenizer(spec, chat_template=chat_template, trust_remote_code=trust_remote_code)
+    torch_dtype = _torch_dtype(dtype)
+    empty = for_training and distributed.ram_efficient_loading() and not distributed.is_main_process()
+    zero3 = for_training and partitioned and distributed.zero3_init()
+    if for_training and distributed.ram_efficient_loading() and torch_dtype == "auto":
+        # The main process's weights are broadcast into the others' empty ones: the dtypes must
+        # agree, so both resolve "auto" the same way, without transformers' own guess.
+        torch_dtype = checkpoint_dtype(path, trust_remote_code=trust_remote_code)
+    if empty:
+        model = _empty_model(spec, path, torch_dtype, trust_remote_code=trust_remote_code)
+    else:
+        model = _from_pretrained(spec, path, torch_dtype, trust_remote_code=trust_remote_code, zero3=zero3)
+        if not zero3:  # partitioned parameters are placed by DeepSpeed
+            model.to(device)
+    if adapter:
+        model = attach_adapter(model, adapter, trainable=trainable_adapter)
+    model.eval()
+    return model, tok
+
+
+def _from_pretrained(spec: str, path: str, torch_dtype: Any, *, trust_remote_code: bool, zero3: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_torch_dtype(dtype), trust_remote_code=trust_remote_code
-        )
+        with _zero3_loading(zero3):
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {spec!r}: {_first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    model.to(device)
-    if adapter:
-        model = attach_adapter(model, adapter, trainable=trainable_adapter)
-    model.eval()
-    return model, tok
+
+
+def _empty_model(spec: str, path: str, torch_dtype: Any, *, trust_remote_code: bool) -> Any:
+    """The model's structure with every parameter on the meta device: no weights read or allocated.
+
+    Buffers are real: the non-persistent ones (rotary frequencies) are computed from the config,
+    and FSDP keeps each process's own rather than broadcasting them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {spec!r}: {_first_line(e)}") from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    # init_empty_weights re-creates each parameter on meta after the model tied them: tie again,
+    # or an untied lm_head would not match the main process's parameter list when FSDP shards.
+    model.tie_weights()
+    return model
+
+
+@contextlib.contextmanager
+def _zero3_loading(enabled: bool) -> Iterator[None]:
+    """Make transformers' `from_pretrained` partition the model (ZeRO-3) exactly when `enabled`.
+
+    transformers partitions whenever a ZeRO-3 `HfDeepSpeedConfig` is alive, and a ZeRO-3 launch's
+    TrainingArguments keep one alive as long as they exist, so a model loaded after a Trainer was
+    built (a reference model, DCR's reloaded stage 1) would come back partitioned and unusable
+    outside DeepSpeed's engine. Enabled, it makes one from the launch's DeepSpeed config exactly as
+    TrainingArguments does."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        yield  # no DeepSpeed launch: nothing can partition
+        return
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    plugin = None
+    try:
+        if enabled:
+            from accelerate.utils import DeepSpeedPlugin
+
+            plugin = DeepSpeedPlugin()
+            plugin.set_mixed_precision(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+            plugin.set_deepspeed_weakref()  # holds the HfDeepSpeedConfig transformers reads while it lives
+        else:
+            hf_deepspeed.unset_hf_deepspeed_config()
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        del plugin
+
+
+def checkpoint_dtype(path: str, *, trust_remote_code: bool = False) -> Any:
+    """The dtype a checkpoint was saved in: its config's `dtype` (`torch_dtype`), else the first
+    floating tensor in its safetensors files, else float32."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found.removeprefix("torch."), None)
+    if isinstance(found, torch.dtype):
+        return found
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if files:
+        from safetensors import safe_open
+
+        names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+        with safe_open(str(files[0]), framework="pt") as f:
+            for key in f.keys():
+                if f.get_slice(key).get_dtype() in names:
+                    return names[f.get_slice(key).get_dtype()]
+    return torch.float32
+
+
+def training_dtype(requested: str | None, *, full_finetune: bool = False) -> str:
+    """The dtype a training method loads its model in (the recipe's `model_dtype`).
+
+    Set: as given. Unset: float32 without a GPU (the CPU default, unchanged). On a GPU, the
+    checkpoint's own dtype ("auto": bf16 for most current models, half of float32's memory):
+    with LoRA the loaded weights stay frozen; for full fine-tuning only where the engine keeps
+    float32 master weights of its own (DeepSpeed, or FSDP with mixed precision, which upcasts the
+    trainable parameters before sharding), else float32, since a plain optimizer stepping bf16
+    weights loses small updates.
+    """
+    if requested is not None:
+        _torch_dtype(requested)  # a clear error for a typo
+        return requested
+    import torch
+
+    if not torch.cuda.is_available():
+        return "float32"
+    if not full_finetune:
+        return "auto"
+    from tactful import distributed
+
+    env = os.environ
+    fsdp_mixed = (env.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+                  and env.get("ACCELERATE_MIXED_PRECISION", "no").lower() in ("bf16", "fp16"))
+    return "auto" if distributed.deepspeed_zero_stage() is not None or fsdp_mixed else "float32"
+
+
+def weights_deferred(model: Any) -> bool:
+    """True when this process holds no whole weights for `model`: built on the meta device (the
+    other processes under RAM-efficient FSDP loading) or partitioned by ZeRO-3 at load."""
+    return any(p.is_meta or hasattr(p, "ds_id") for p in model.parameters())
+
+
+def to_device(model: Any, device: Any) -> Any:
+    """`model.to(device)`, except for a model whose weights this process does not hold
+    (`weights_deferred`): the Trainer's engine places those when it shards them."""
+    if device is None or weights_deferred(model):
+        return model
+    return model.to(device)
+
+
+def materialize_trainable(model: Any) -> Any:
+    """Give the trainable parameters still on the meta device real (uninitialised) CPU storage.
+
+    Only a model from `load_model(for_training=True)` on a process other than the main one has
+    any. Their values never matter (FSDP broadcasts the main process's when it shards), but
+    accelerate maps the optimizer's parameters to their sharded copies by `data_ptr()`, which is 0
+    for every meta tensor: left on meta, every trainable parameter of the process would map to one
+    and the same sharded one. Frozen parameters stay on meta. Tied parameters stay tied.
+    """
+    import torch
+
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_meta or not p.requires_grad:
+                continue
+            if id(p) not in made:
+                made[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=True)
+            module._parameters[name] = made[id(p)]
+    return model
 
 
 def attach_adapter(model: Any, adapter: str | os.PathLike, *, trainable: bool = False) -> Any:
@@ -408,7 +577,11 @@ def attach_adapter(model: Any, adapter: str | os.PathLike, *, trainable: bool = 
     adir = Path(adapter)
     if not (adir / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(adir), is_trainable=trainable)
+    with warnings.catch_warnings():
+        # On a model without weights (`weights_deferred`) the adapter's values cannot be copied in,
+        # and torch says so once per tensor; the main process's values are broadcast later anyway.
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        return PeftModel.from_pretrained(model, str(adir), is_trainable=trainable)
 
 
 def tiny_model(

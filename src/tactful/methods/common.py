@@ -21,6 +21,7 @@ from tactful.data.records import Example
 from tactful.errors import UserError
 from tactful.io import publish_dir
 from tactful.logprobs import Encoded, collate, encode_example
+from tactful.models import materialize_trainable, to_device
 
 # Roles, resolved per architecture (Phi-3's fused qkv_proj, Llama's q_proj/k_proj/v_proj, ...).
 DEFAULT_TARGETS = list(architectures.DEFAULT_LORA_ROLES)
@@ -85,7 +86,9 @@ def apply_lora(model: Any, lora: LoraSettings, *, adapter_name: str = "default")
                         f"linear modules present: {', '.join(sorted(_linear_names(model)))}")
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                      layers_to_transform=lora.layers, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg, adapter_name=adapter_name)
+    # On a model built without weights (RAM-efficient FSDP loading) PEFT puts the new factors on
+    # the meta device too; the optimizer needs them real (`materialize_trainable`).
+    return materialize_trainable(get_peft_model(model, cfg, adapter_name=adapter_name))
 
 
 def _linear_names(model: Any) -> set[str]:
@@ -98,7 +101,7 @@ def prepare_trainable(model: Any, lora: LoraSettings) -> Any:
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
-    return model
+    return materialize_trainable(model)
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -363,15 +366,12 @@ def load_start_model(model: str, start_from: str | os.PathLike | None, *, device
 
     if not start_from:
         m, tok = load_model(model, **load_kw)
-        if device is not None:
-            m.to(device)
-        return StartModel(m, tok, base_model=model)
+        return StartModel(to_device(m, device), tok, base_model=model)
     start = describe_start(model, start_from, log=log)
     m, tok, desc = load_run_model(start_from, **load_kw)
     if is_peft(m):
-        m = m.merge_and_unload()
-    if device is not None:
-        m.to(device)
+        m = m.merge_and_unload()  # on a model without weights (`weights_deferred`) it merges nothing, on meta
+    m = to_device(m, device)
     m.eval()
     log(f"starting from {desc} (adapters merged)")
     start.model, start.tokenizer = m, tok

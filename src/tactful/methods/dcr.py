@@ -26,6 +26,7 @@ import torch
 
 from tactful import architectures
 from tactful.data.records import PromptRecord
+from tactful.distributed import run_on_main
 from tactful.errors import UserError
 from tactful.methods.common import (
     LoraSettings,
@@ -38,7 +39,7 @@ from tactful.methods.common import (
 )
 from tactful.methods.losses import circle_loss, pairwise_similarities
 from tactful.methods.sft import SFTConfig, train_sft
-from tactful.models import format_prompt
+from tactful.models import format_prompt, materialize_trainable
 from tactful.progress import rich_training_progress
 from tactful.runs import RUN_LOADERS, RunDir
 
@@ -67,6 +68,10 @@ class DCRStage1:
 @dataclass
 class DCRConfig:
     model: str = "embedded"
+    model_dtype: str | None = field(default=None, metadata={"help": (
+        "Weights dtype to load the model in: float32, bfloat16, float16 or auto (the checkpoint's). Unset: float32 "
+        "without a GPU; on a GPU the checkpoint's (float32 for full fine-tuning unless DeepSpeed or FSDP with mixed "
+        "precision keeps float32 master weights). docs/scale-out.md")})
     output_dir: str = "runs/dcr"
     seed: int = 0
     stage1: DCRStage1 = field(default_factory=DCRStage1)
@@ -207,6 +212,7 @@ def freeze_after(model: Any, layer: int) -> None:
         # The output head shares the embedding matrix; keep it frozen too so nothing after l moves.
         for p in model.get_input_embeddings().parameters():
             p.requires_grad_(False)
+    materialize_trainable(model)  # a model without weights here (RAM-efficient FSDP loading): see there
 
 
 # ---------------------------------------------------------------- diagnostics
@@ -305,13 +311,10 @@ def run_stage1(config: DCRConfig, model: Any, tokenizer: Any, run: RunDir,
     diag: dict[str, Any] = {"layer": layer, "num_layers": n_layers, "pooling": s1.pooling,
                             "n_train": {"toxic": len(toxic), "seemingly_toxic": len(seemingly)}}
     model.eval()
-    diag["similarity_before"] = {"train": representation_similarity(model, tokenizer, toxic, seemingly, layer, s1.pooling)}
-    if held_toxic:
-        diag["similarity_before"]["heldout"] = representation_similarity(model, tokenizer, held_toxic, held_seem, layer,
-                                                                         s1.pooling)
-    if s1.gradient_coupling:
-        diag["gradient_coupling_before"] = gradient_coupling(model, tokenizer, held_toxic or toxic,
-                                                             held_seem or seemingly, n=s1.coupling_n)
+    # Diagnostics are computed by the main process and shared: the others may hold no weights
+    # (RAM-efficient FSDP loading), and the numbers are the same everywhere anyway.
+    diag.update(run_on_main(lambda: _diagnostics(s1, model, tokenizer, layer, toxic, seemingly, held_toxic, held_seem,
+                                                 "before"), what="measuring DCR's representations before stage 1"))
 
     stage_dir = run.path / "stage1_adapter"
     if s1.lora.enabled:
@@ -336,18 +339,20 @@ def run_stage1(config: DCRConfig, model: Any, tokenizer: Any, run: RunDir,
     run.write_json("train_log_stage1.json", trainer.state.log_history)
     if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
         # The engine owns (and may have sharded or cast) the trained parameters: continue from
-        # the saved stage 1 instead, which every process now sees whole.
-        model = _reload_stage1(config.model, stage_dir, lora=s1.lora.enabled, device=trainer.args.device)
+        # the saved stage 1 instead (on every process under DDP-like loading; under RAM-efficient
+        # FSDP loading only the main process reads it, and stage 2's FSDP broadcasts it).
+        model = _reload_stage1(config.model, stage_dir, lora=s1.lora.enabled, device=trainer.args.device,
+                               dtype=dcr_dtype(config))
 
-    diag["similarity_after"] = {"train": representation_similarity(model, tokenizer, toxic, seemingly, layer, s1.pooling)}
-    if held_toxic:
-        diag["similarity_after"]["heldout"] = representation_similarity(model, tokenizer, held_toxic, held_seem, layer,
-                                                                        s1.pooling)
+    diag.update(run_on_main(lambda: _diagnostics(s1, model, tokenizer, layer, toxic, seemingly, held_toxic, held_seem,
+                                                 "after", coupling=False),
+                            what="measuring DCR's representations after stage 1"))
     if is_peft(model):
         model = model.merge_and_unload()
     if s1.gradient_coupling:
-        diag["gradient_coupling_after"] = gradient_coupling(model, tokenizer, held_toxic or toxic,
-                                                            held_seem or seemingly, n=s1.coupling_n)
+        diag.update(run_on_main(lambda: _diagnostics(s1, model, tokenizer, layer, toxic, seemingly, held_toxic,
+                                                     held_seem, "after", similarity=False),
+                                what="measuring DCR's gradient coupling after stage 1"))
     for p in model.parameters():
         p.requires_grad_(False)
     run.write_json("dcr_diagnostics.json", diag)
@@ -356,17 +361,44 @@ def run_stage1(config: DCRConfig, model: Any, tokenizer: Any, run: RunDir,
     return model, diag
 
 
-def _reload_stage1(base: str, stage_dir: Path, *, lora: bool, device: Any) -> Any:
+def _reload_stage1(base: str, stage_dir: Path, *, lora: bool, device: Any, dtype: str = "float32") -> Any:
     """The stage-1 model as saved: the base model with the stage-1 adapter, or the full model."""
-    from tactful.models import attach_adapter, load_model
+    from tactful.models import attach_adapter, load_model, to_device
 
     if lora:
-        model = attach_adapter(load_model(base)[0], stage_dir)
+        model = attach_adapter(load_model(base, dtype=dtype, for_training=True)[0], stage_dir)
     else:
-        model = load_model(str(stage_dir))[0]
-    model.to(device)
+        model = load_model(str(stage_dir), dtype=dtype, for_training=True)[0]
+    model = to_device(model, device)
     model.eval()
     return model
+
+
+def _diagnostics(s1: DCRStage1, model: Any, tokenizer: Any, layer: int, toxic: Sequence[PromptRecord],
+                 seemingly: Sequence[PromptRecord], held_toxic: Sequence[PromptRecord],
+                 held_seem: Sequence[PromptRecord], when: str, *, similarity: bool = True,
+                 coupling: bool = True) -> dict[str, Any]:
+    """Representation similarity (train and held-out) and, if configured, gradient coupling, `when`
+    being "before" or "after" stage 1."""
+    out: dict[str, Any] = {}
+    if similarity:
+        out[f"similarity_{when}"] = {"train": representation_similarity(model, tokenizer, toxic, seemingly, layer,
+                                                                        s1.pooling)}
+        if held_toxic:
+            out[f"similarity_{when}"]["heldout"] = representation_similarity(model, tokenizer, held_toxic, held_seem,
+                                                                              layer, s1.pooling)
+    if coupling and s1.gradient_coupling:
+        out[f"gradient_coupling_{when}"] = gradient_coupling(model, tokenizer, held_toxic or toxic,
+                                                              held_seem or seemingly, n=s1.coupling_n)
+    return out
+
+
+def dcr_dtype(config: DCRConfig) -> str:
+    """The dtype of both stages' model: full fine-tuning in either stage counts as full."""
+    from tactful.models import training_dtype
+
+    return training_dtype(config.model_dtype, full_finetune=not (config.stage1.lora.enabled
+                                                                 and config.sft.lora.enabled))
 
 
 def train_dcr(config: DCRConfig, *, log: Callable[[str], None] = print) -> tuple[Any, RunDir]:
@@ -374,7 +406,7 @@ def train_dcr(config: DCRConfig, *, log: Callable[[str], None] = print) -> tuple
 
     set_seed(config.seed)
     run = RunDir(config.output_dir)
-    model, tokenizer = load_model(config.model)
+    model, tokenizer = load_model(config.model, dtype=dcr_dtype(config), for_training=True)
     model, diag = run_stage1(config, model, tokenizer, run, log=log)
     sft = _sft_from(config)
     model, run = train_sft(sft, model=model, tokenizer=tokenizer, run_dir=run, log=log)
@@ -392,7 +424,8 @@ def _sft_from(config: DCRConfig) -> SFTConfig:
     from tactful.config import from_dict
 
     d = asdict(config.sft)
-    d.update(model=config.model, output_dir=config.output_dir, seed=config.seed, resume=config.resume)
+    d.update(model=config.model, model_dtype=config.model_dtype, output_dir=config.output_dir, seed=config.seed,
+             resume=config.resume)
     return from_dict(SFTConfig, d)
 
 

@@ -53,6 +53,10 @@ class SFTData:
 @dataclass
 class SFTConfig:
     model: str = "embedded"
+    model_dtype: str | None = field(default=None, metadata={"help": (
+        "Weights dtype to load the model in: float32, bfloat16, float16 or auto (the checkpoint's). Unset: float32 "
+        "without a GPU; on a GPU the checkpoint's (float32 for full fine-tuning unless DeepSpeed or FSDP with mixed "
+        "precision keeps float32 master weights). docs/scale-out.md")})
     output_dir: str = "runs/sft"
     seed: int = 0
     system: str | None = None
@@ -118,13 +122,16 @@ def train_sft(
     """
     from transformers import Trainer
 
-    from tactful.models import load_model
+    from tactful.models import load_model, training_dtype
 
     set_seed(config.seed)
     run = run_dir or RunDir(config.output_dir)
     examples, counts = build_mix(config.data, config.seed)
     if model is None:
-        model, tokenizer = load_model(config.model)
+        # Straight into the Trainer: under FSDP / ZeRO-3 the other processes never hold the weights.
+        model, tokenizer = load_model(config.model, dtype=training_dtype(config.model_dtype,
+                                                                         full_finetune=not config.lora.enabled),
+                                      for_training=True, partitioned=True)
     model = prepare_trainable(model, config.lora)
     dataset = EncodedDataset(tokenizer, examples, max_length=config.training.max_length, system=config.system)
     if config.training.group_by_length:

@@ -155,6 +155,10 @@ class RefusalGuardConfig:
     start_from: str | None = field(default=None, metadata={
         "help": "A tactful run (e.g. safety SFT) to start from; its adapter is merged first."})
     output_dir: str = "runs/refusal_guard"
+    model_dtype: str | None = field(default=None, metadata={"help": (
+        "Weights dtype to load the model in: float32, bfloat16, float16 or auto (the checkpoint's). Unset: float32 "
+        "without a GPU; on a GPU the checkpoint's (float32 for full fine-tuning unless DeepSpeed or FSDP with mixed "
+        "precision keeps float32 master weights). docs/scale-out.md")})
     seed: int = 0
     system: str | None = None
     sae: SAESettings = field(default_factory=SAESettings)
@@ -242,11 +246,14 @@ class StartModel:
 
 def load_start_model(config: RefusalGuardConfig, *, log: Callable[[str], None] = print) -> StartModel:
     """The model to fine-tune: `model`, or the model of run `start_from` with its adapter(s) merged."""
-    from tactful.models import load_model
+    from tactful.models import load_model, to_device
     from tactful.runs import load_run_model
 
+    # Everything done with the model before training runs on the main process (SAEs, heads), so
+    # under RAM-efficient FSDP loading the others need no weights (only guard.kind none runs there).
+    load_kw: dict[str, Any] = {"dtype": guard_dtype(config), "for_training": True}
     if not config.start_from:
-        model, tok = load_model(config.model, device=_device())
+        model, tok = load_model(config.model, device=_device(), **load_kw)
         return StartModel(model, tok, base_model=config.model)
     manifest = read_manifest(config.start_from)
     kind = manifest.get("kind", "")
@@ -261,15 +268,22 @@ def load_start_model(config: RefusalGuardConfig, *, log: Callable[[str], None] =
         raise UserError(f"{config.start_from}/manifest.json names no base_model")
     if config.model not in ("embedded", base):
         log(f"note: model={config.model!r} is ignored; the base model comes from {config.start_from} ({base})")
-    model, tok, desc = load_run_model(config.start_from)
+    model, tok, desc = load_run_model(config.start_from, **load_kw)
     simple = kind not in RUN_LOADERS and manifest.get("adapter") and not manifest.get("model_dir")
     if is_peft(model):
         model = model.merge_and_unload()
-    model.to(_device())
+    model = to_device(model, _device())
     model.eval()
     log(f"starting from {desc} (adapter merged)")
     return StartModel(model, tok, base_model=base, start_from=str(config.start_from), start_kind=kind,
                       start_adapter=str(Path(config.start_from) / manifest["adapter"]) if simple else None)
+
+
+def guard_dtype(config: RefusalGuardConfig) -> str:
+    """The dtype every load of the base model in this run uses (`model_dtype`)."""
+    from tactful.models import training_dtype
+
+    return training_dtype(config.model_dtype, full_finetune=not config.lora.enabled)
 
 
 def _device() -> Any:
@@ -458,7 +472,8 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
         save_subspaces(subspaces, run.path / "guard" / "subspace.safetensors")
     if config.heads.enabled:
         run_on_main(lambda: _score_heads(config, start, run, log), what="scoring attention heads", share=False)
-    alignment = _alignment_matrices(start, config.lora, log) if config.guard.kind == "safelora" else None
+    alignment = (_alignment_matrices(start, config.lora, log, guard_dtype(config)) if config.guard.kind == "safelora"
+                 else None)
 
     set_seed(config.seed)
     examples = load_finetune_examples(config.data, config.seed)
@@ -531,11 +546,12 @@ def _check_engine(kind: str) -> None:
         require_unsharded("refusal_guard with guard.kind=safelora", "it projects the whole trained adapter")
 
 
-def _alignment_matrices(start: StartModel, lora: LoraSettings, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+def _alignment_matrices(start: StartModel, lora: LoraSettings, log: Callable[[str], None],
+                        dtype: str = "float32") -> dict[str, torch.Tensor]:
     """V_i = W_aligned - W_unaligned for every module the fine-tuning LoRA will adapt."""
     from tactful.models import load_model
 
-    base, _ = load_model(start.base_model)
+    base, _ = load_model(start.base_model, dtype=dtype)
     targets = architectures.lora_target_modules(base, list(lora.target_modules))
     aligned_mods = dict(start.model.named_modules())
     out = {}

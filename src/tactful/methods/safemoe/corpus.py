@@ -210,6 +210,7 @@ def build_unsafe_corpus(
     judge: Any = None,
     seed: int = 0,
     system: str | None = None,
+    dtype: str = "float32",
     log: Callable[[str], None] = print,
 ) -> UnsafeCorpus:
     """Build the per-domain unsafe corpus into `out_dir` and return it.
@@ -236,7 +237,7 @@ def build_unsafe_corpus(
         if model is None:
             from tactful.models import load_model
 
-            model, tokenizer = load_model(model_spec)
+            model, tokenizer = load_model(model_spec, dtype=dtype)
         examples, ids = generate_unsafe_examples(model, tokenizer, domains, settings, judge=judge, seed=seed,
                                                  model_name=model_spec, system=system, log=log)
         judge_name = getattr(judge, "name", None) or settings.judge

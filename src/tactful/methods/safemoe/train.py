@@ -70,6 +70,9 @@ def _router_training() -> TrainingSettings:
 class SafeMoEConfig:
     model: str = "embedded"
     output_dir: str = "runs/safemoe"
+    model_dtype: str | None = field(default=None, metadata={"help": (
+        "Weights dtype to load the base model in (corpus generation, experts, router): float32, bfloat16, float16 or "
+        "auto (the checkpoint's). Unset: float32 without a GPU, the checkpoint's on a GPU. docs/scale-out.md")})
     seed: int = 0
     system: str | None = None
     domains: list[str] = field(default_factory=lambda: list(HARM_DOMAINS[:4]), metadata={
@@ -231,7 +234,7 @@ def train_safemoe(
     log: Callable[[str], None] = print,
 ) -> tuple[Any, RunDir]:
     """Run (or finish) the whole SafeMoE pipeline; returns (SafeMoE model, run dir)."""
-    from tactful.models import load_model
+    from tactful.models import load_model, training_dtype
 
     domains = list(config.domains)
     if not domains or len(set(domains)) != len(domains):
@@ -247,8 +250,11 @@ def train_safemoe(
     if not config.resume:  # start over: every stage is rebuilt and overwritten
         stages.data = {}
     to_train = [d for d in domains if d not in config.experts.adapters]
+    dtype = training_dtype(config.model_dtype)  # experts are LoRA and the router trains on a frozen base
+    # the dtype joins the fingerprint only when set, so runs from before the option resume as they were
     corpus_fp = _fingerprint({"domains": to_train, "corpus": asdict(config.corpus), "model": config.model,
-                              "seed": config.seed, "system": config.system})
+                              "seed": config.seed, "system": config.system,
+                              **({"model_dtype": config.model_dtype} if config.model_dtype else {})})
     experts_fp = _fingerprint({"corpus": corpus_fp, "experts": asdict(config.experts), "domains": domains})
     router_fp = _fingerprint({"experts": experts_fp, "router": asdict(config.router),
                               "data": asdict(config.router_data), "training": asdict(config.router_training)})
@@ -279,7 +285,7 @@ def train_safemoe(
         else:
             corpus = build_unsafe_corpus(corpus_dir, domains=to_train, settings=config.corpus,
                                          model_spec=config.model, judge=judge, seed=config.seed,
-                                         system=config.system, log=log)
+                                         system=config.system, dtype=dtype, log=log)
         share_from_main(None, what="building the unsafe corpus")
         if corpus is None:
             corpus = read_unsafe_corpus(corpus_dir)
@@ -294,7 +300,7 @@ def train_safemoe(
     barrier()
     expert_stats = {}
     if corpus is not None:
-        expert_stats = train_experts(corpus.examples, experts_dir, load_base=lambda: load_model(config.model),
+        expert_stats = train_experts(corpus.examples, experts_dir, load_base=lambda: load_model(config.model, dtype=dtype),
                                      settings=config.experts, seed=config.seed,
                                      checkpoints_dir=run / "checkpoints" / "experts", resume=config.resume,
                                      overwrite=not config.resume, system=config.system, log=log)
@@ -303,7 +309,7 @@ def train_safemoe(
 
     # 3. router on the safe set, base model and experts frozen
     stages.enter("router", router_fp, ROUTER_FILE)
-    model, tok = load_model(config.model)
+    model, tok = load_model(config.model, dtype=dtype)
     set_seed(config.seed)  # the router's initial weights
     experts = [read_expert(experts_dir / d, d) for d in domains]
     attach_safemoe(model, experts, config.router, base_model=config.model)

@@ -83,6 +83,7 @@ from tactful.methods.trace.triage import (
     triage_pairs,
     write_triage,
 )
+from tactful.models import to_device, training_dtype
 from tactful.policies import load_policy
 from tactful.runs import RUN_LOADERS, RunDir
 
@@ -495,14 +496,17 @@ def train_trace(config: TraceConfig, *, model: Any = None, tokenizer: Any = None
     set_seed(config.seed)
     run = run_dir or RunDir(config.output_dir)
     if model is None:
-        start = load_start_model(config.model, config.start_from, log=log)
+        # Triage and impact scores run on the main process only: the others need no weights
+        # before FSDP shards the model (RAM-efficient loading).
+        start = load_start_model(config.model, config.start_from, log=log, for_training=True,
+                                 dtype=training_dtype(config.model_dtype, full_finetune=not config.lora.enabled))
         model, tokenizer = start.model, start.tokenizer
     elif config.start_from:
         start = describe_start(config.model, config.start_from, log=log)
     else:
         start = StartModel(None, None, base_model=config.model)
     # Built-in pairs are answered by the starting model: put it where it will train first.
-    model.to(training_arguments(config.training, run.path / "checkpoints", seed=config.seed).device)
+    model = to_device(model, training_arguments(config.training, run.path / "checkpoints", seed=config.seed).device)
     # Judged once, by the main process (it owns the verdict cache and the triage files); all get its labels.
     triaged, summary = run_on_main(lambda: run_triage(config, run, model=model, tokenizer=tokenizer,
                                                       model_name=start.name, log=log),
