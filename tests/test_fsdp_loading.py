@@ -11,8 +11,9 @@ and no mixed precision. Each process:
 - trains sft with LoRA and with full fine-tuning through the Trainer under FSDP (the other
   process's trainable parameters start without values; FSDP broadcasts the main process's when it
   shards), and the saved adapter / model must match a single-process run with the same global
-  batch. Without the broadcast, or with every trainable parameter mapped onto one sharded one in
-  the optimizer (what accelerate does to parameters left on the meta device), they would not.
+  batch. Without the broadcast they would not; with the trainable parameters left on the meta
+  device (accelerate maps the optimizer's parameters by `data_ptr()`, 0 for all of them) the
+  other process stops with a KeyError.
 
 accelerate turns FSDP on only for accelerator devices; FSDP2 itself runs on a CPU mesh over gloo,
 so the worker lets accelerate use it on the CPU processes (`_fsdp_on_cpu`). Everything else —

@@ -555,8 +555,8 @@ def materialize_trainable(model: Any) -> Any:
     Only a model from `load_model(for_training=True)` on a process other than the main one has
     any. Their values never matter (FSDP broadcasts the main process's when it shards), but
     accelerate maps the optimizer's parameters to their sharded copies by `data_ptr()`, which is 0
-    for every meta tensor: left on meta, every trainable parameter of the process would map to one
-    and the same sharded one. Frozen parameters stay on meta. Tied parameters stay tied.
+    for every meta tensor: left on meta they cannot be told apart, and FSDP2's preparation stops
+    with a KeyError on that process. Frozen parameters stay on meta. Tied parameters stay tied.
     """
     import torch
 
