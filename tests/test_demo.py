@@ -110,3 +110,18 @@ def test_subsampled_suites_keep_their_names(tmp_path):
         recs = load_suite_records(suite)
         assert len(recs) == n
         assert [r.id for r in recs] == [r.id for r in load_suite_records(load_suite(paths[name]))]  # seeded
+
+
+def test_loading_a_model_leaves_progress_bars_as_the_caller_set_them():
+    from transformers.utils import logging as hf_logging
+
+    from tactful.models import load_model
+
+    hf_logging.disable_progress_bar()
+    try:
+        load_model("embedded")
+        assert not hf_logging.is_progress_bar_enabled()  # the demo's quiet terminal survives a load
+    finally:
+        hf_logging.enable_progress_bar()
+    load_model("embedded")
+    assert hf_logging.is_progress_bar_enabled()

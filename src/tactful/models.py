@@ -421,6 +421,7 @@ def _from_pretrained(spec: str, path: str, torch_dtype: Any, *, trust_remote_cod
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
@@ -430,7 +431,8 @@ def _from_pretrained(spec: str, path: str, torch_dtype: Any, *, trust_remote_cod
         raise UserError(f"cannot load model {spec!r}: {_first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars_were_on:  # leave them off if the caller (e.g. the demo) turned them off
+            hf_logging.enable_progress_bar()
 
 
 def _empty_model(spec: str, path: str, torch_dtype: Any, *, trust_remote_code: bool) -> Any:
