@@ -252,3 +252,99 @@ def format_estimate(cpu_s: float, breakdown: str) -> str:
     return (f"estimated full run: {cpu_s / 60:.0f} CPU-min = ~{cpu_s / 60 / TWO_CORE_SPEEDUP:.0f} min on 2 free "
             f"cores ({breakdown}; eval measured at batches of at most --limit items, the full run's are 64: "
             "an upper bound)")
+
+
+# ---------------------------------------------------------------- outcomes under the validated judge
+
+# The built-in held-out suites every re-tested experiment is judged on with outcome-minilm (each
+# suite file names the judge): harmful requests, prompts that only sound harmful, ordinary
+# instructions, multiple choice.
+OUTCOME_SUITES = ["safety", "over-refusal", "benign", "capability"]
+# (row label, suite, flag): what a reply did, per item, from the outcome judge's verdict
+OUTCOME_ROWS = [
+    ("harmful declined", "safety", "declined"), ("harmful off-topic filler", "safety", "evasive"),
+    ("harmful uplift", "safety", "uplift"), ("harmful degenerate", "safety", "degenerate"),
+    ("seemingly-toxic refused", "over-refusal", "refused"), ("seemingly-toxic helped", "over-refusal", "helpful"),
+    ("seemingly-toxic degenerate", "over-refusal", "degenerate"),
+    ("ordinary refused", "benign", "refused"), ("ordinary helped", "benign", "helpful"),
+    ("ordinary degenerate", "benign", "degenerate"),
+    ("capability (MC accuracy)", "capability", "correct"),
+]
+
+
+def outcome_flags(eval_dir: Path, suite: str, flag: str) -> dict[str, float]:
+    """Per-item 0/1 of one outcome-judge flag (declined / refused / evasive / uplift / helpful /
+    degenerate) or multiple-choice correctness (`correct`), by item id. Items the judge failed on
+    are left out, as the runner leaves them out of n."""
+    if flag == "correct":
+        path = eval_dir / suite / "scores.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        return {r["id"]: float(bool(r.get("correct"))) for r in rows}
+    path = eval_dir / suite / "items.jsonl"
+    out = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        v = r.get("verdict") or {}
+        if v.get("error") or v.get("degenerate") is None:
+            continue
+        if flag in ("declined", "refused"):
+            val = v.get("refused")
+        elif flag == "evasive":
+            val = v.get("label") == "evasive"
+        else:
+            val = v.get(flag)
+        out[r["id"]] = float(bool(val))
+    return out
+
+
+def pooled_paired(base: dict[str, float] | list[dict[str, float]], arms: list[dict[str, float]], *,
+                  seed: int = 0, n_boot: int = 2000) -> dict[str, Any]:
+    """Mean over seeds and items of (arm - base), with a bootstrap 95% CI that resamples items
+    (every seed answers the same prompts). `base` is one run shared by every seed (a greedy base
+    model) or one run per seed, paired with `arms` seed by seed (a baseline that was trained too).
+
+    `n_to_resolve`: items per seed at which the interval would stop covering zero if the
+    difference and its spread stayed as measured (None when it already excludes zero or the
+    difference is 0): the n an undecided comparison needs, at about even odds."""
+    bases = base if isinstance(base, list) else [base] * len(arms)
+    if len(bases) != len(arms):
+        raise ValueError(f"{len(bases)} baseline runs for {len(arms)} arm runs")
+    ids = sorted(set(bases[0]).intersection(*bases[1:], *arms))
+    if not ids:
+        return {}
+    d = np.array([[a[i] - b[i] for i in ids] for a, b in zip(arms, bases)])  # seeds x items
+    rng = np.random.default_rng(seed)
+    boots = d[:, rng.integers(0, len(ids), size=(n_boot, len(ids)))].mean(axis=(0, 2))
+    lo, hi, delta = float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975)), float(d.mean())
+    need = None
+    if lo <= 0 <= hi and delta != 0:
+        need = int(np.ceil(len(ids) * ((hi - lo) / 2 / abs(delta)) ** 2))
+    return {"delta": delta, "ci_low": lo, "ci_high": hi, "n_items": len(ids), "n_seeds": len(arms),
+            "per_seed": [float(x) for x in d.mean(axis=1)], "n_to_resolve": need}
+
+
+def outcome_rows(base_dirs: Path | list[Path], arm_dirs: list[Path],
+                 rows: Sequence[tuple[str, str, str]] = OUTCOME_ROWS) -> dict[str, dict[str, Any]]:
+    """Per outcome row: the baseline's rate (mean over its runs), the arm's per seed, and the
+    pooled paired difference (arm - baseline)."""
+    bdirs = base_dirs if isinstance(base_dirs, list) else [base_dirs]
+    out = {}
+    for label, suite, flag in rows:
+        bases = [outcome_flags(d, suite, flag) for d in bdirs]
+        arms = [outcome_flags(d, suite, flag) for d in arm_dirs]
+        if not all(bases) or not all(arms):
+            continue
+        out[label] = {"base": float(np.mean([sum(b.values()) / len(b) for b in bases])),
+                      "arm_per_seed": [sum(a.values()) / len(a) for a in arms],
+                      "paired": pooled_paired(bases if len(bases) > 1 else bases[0], arms)}
+    return out
+
+
+def fmt_pooled(p: dict[str, Any]) -> str:
+    """'+7.3 [+1.2, +13.4]' (points), with the n needed where the interval covers zero."""
+    if not p:
+        return "—"
+    s = f"{100 * p['delta']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
+    return s + (f" (n≈{p['n_to_resolve']} to resolve)" if p.get("n_to_resolve") else "")

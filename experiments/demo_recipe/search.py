@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import ROOT, check_public_suites, evaluate, is_complete, train  # noqa: E402
+from common import (ROOT, check_public_suites, evaluate, is_complete, outcome_flags,  # noqa: E402
+                    pooled_paired, train)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -279,46 +280,6 @@ FINAL_ROWS = [
 ]
 
 
-def item_flags(eval_dir: Path, suite: str, flag: str) -> dict[str, float]:
-    """Per-item 0/1 of one outcome (or multiple-choice correctness), by item id."""
-    if flag == "correct":
-        path = eval_dir / suite / "scores.jsonl"
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-        return {r["id"]: float(bool(r.get("correct"))) for r in rows}
-    path = eval_dir / suite / "items.jsonl"
-    out = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        r = json.loads(line)
-        v = r.get("verdict") or {}
-        if v.get("error") or v.get("degenerate") is None:
-            continue
-        if flag in ("declined", "refused"):
-            val = v.get("refused")
-        elif flag == "evasive":
-            val = v.get("label") == "evasive"
-        else:
-            val = v.get(flag)
-        out[r["id"]] = float(bool(val))
-    return out
-
-
-def pooled_paired(base: dict[str, float], arms: list[dict[str, float]], *, seed: int = 0,
-                  n_boot: int = 2000) -> dict[str, Any]:
-    """Mean over seeds and items of (arm - base), with a bootstrap CI that resamples items (the
-    same items for every seed: the seeds share the prompts)."""
-    import numpy as np
-
-    ids = sorted(set(base).intersection(*arms))
-    if not ids:
-        return {}
-    d = np.array([[a[i] - base[i] for i in ids] for a in arms])  # seeds x items
-    rng = np.random.default_rng(seed)
-    boots = d[:, rng.integers(0, len(ids), size=(n_boot, len(ids)))].mean(axis=(0, 2))
-    return {"delta": float(d.mean()), "ci_low": float(np.quantile(boots, 0.025)),
-            "ci_high": float(np.quantile(boots, 0.975)), "n_items": len(ids), "n_seeds": len(arms),
-            "per_seed": [float(x) for x in d.mean(axis=1)]}
-
-
 def train_compute(run: Path) -> dict[str, Any]:
     """What the Trainer says the run cost (its runtime, resumes excluded, and its FLOP count)."""
     path = run / "train_log_adapter.json"
@@ -349,8 +310,8 @@ def final(name: str, seeds: list[int]) -> dict[str, Any]:
                                    **train_compute(run)}
     rows = {}
     for label, suite, flag in FINAL_ROWS:
-        base = item_flags(base_dir, suite, flag)
-        arms = [item_flags(d, suite, flag) for d in eval_dirs]
+        base = outcome_flags(base_dir, suite, flag)
+        arms = [outcome_flags(d, suite, flag) for d in eval_dirs]
         if not base or not all(arms):
             continue
         rows[label] = {"base": sum(base.values()) / len(base),

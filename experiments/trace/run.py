@@ -57,15 +57,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import (copy_aggregates, evaluate, fmt_delta, is_complete, item_outcomes, safety_sft_start,  # noqa: E402
-                    save_item_outputs, summarise, train)
+from common import (OUTCOME_SUITES, copy_aggregates, evaluate, fmt_pooled, is_complete,  # noqa: E402
+                    outcome_rows, pooled_paired, safety_sft_start, save_item_outputs, summarise, train)
+from tactful.io import atomic_write_json  # noqa: E402
 
 OLD_POLICY, NEW_POLICY = "old-strict", "new-contextual"
 OLD_SOURCES = ["builtin-refusal-pairs", "builtin-terse-pairs", "builtin-cautious-pairs"]
 ARMS = ("naive-dpo", "naive-dpo-paper", "npo-no-triage", "no-triage-paper", "trace-uniform", "trace")
 BASELINES = ("naive-dpo", "naive-dpo-paper")  # every other arm is compared with each one run
-SUITES = ["policy-changed", "policy-unchanged", "capability"]
-JUDGE_OPTIONS = {"policy": NEW_POLICY, "refusal": "embedding-minilm"}
+SUITES = OUTCOME_SUITES
+# Refusal detection inside the policy judge (triage, and policy agreement of the replies): the
+# outcome judge, validated on real replies of this model (docs/judging.md).
+REFUSAL_JUDGE = "outcome-minilm"
 
 # How TRACE's terms are scaled, and the gold batch.
 #   official: what respailab/TRACE runs (src/trace.py and its ablation scripts). Impact weights
@@ -136,7 +139,7 @@ def shift_overrides(arm: str, *, seed: int, start: Path, steps: int, batch: int,
     if arm == "trace-uniform" and settings.get("uniform_weight_scale"):
         scale = settings["uniform_weight_scale"]
     return recipe, [*out, f"trace.triage_file={triage_file}", f"trace.gold_batch_size={settings['gold']}",
-                    f"trace.weight_scale={scale}", "trace.judge_options={refusal: embedding-minilm}"]
+                    f"trace.weight_scale={scale}", f"trace.judge_options={{refusal: {REFUSAL_JUDGE}}}"]
 
 
 # Seconds on 2 free cores, from CPU seconds measured with one thread on this (shared) machine
@@ -217,7 +220,7 @@ def triage_once(pairs: Path, out: Path) -> dict[str, Any]:
     """Triage the old data under the new policy (verdicts cached: a re-run judges nothing)."""
     from tactful.methods.trace.triage import triage_command
 
-    summary = triage_command(NEW_POLICY, str(pairs), "policy-rules", out, judge_options={"refusal": "embedding-minilm"},
+    summary = triage_command(NEW_POLICY, str(pairs), "policy-rules", out, judge_options={"refusal": REFUSAL_JUDGE},
                              log=print)
     if summary["counts"]["FAILED"]:
         sys.exit(f"error: {summary['counts']['FAILED']} pairs got no verdict; run again to retry them")
@@ -251,28 +254,53 @@ def relabelled_pairs(triage_dir: Path, out: Path) -> dict[str, int]:
             "dropped": sum(t.label == PUNISH for t in triaged)}
 
 
-# ---------------------------------------------------------------- suites
+# ---------------------------------------------------------------- policy agreement of the replies
 
 
-def write_suites(runs: Path, n_changed: int, n_unchanged: int) -> list[str]:
-    import yaml
+def policy_flags(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """The paper's measure on our held-out replies: does each reply to a harmful or seemingly-toxic
+    test prompt comply with the NEW policy (policy-rules, refusal detection by outcome-minilm)?
+    Per item 1/0, split by whether the prompt's rule changed ("changed" / "unchanged"); cached in
+    eval_dir/policy-<policy>.json (the replies never change once generated)."""
+    from tactful.eval.judges.base import JudgeItem
+    from tactful.io import atomic_write_json
+    from tactful.methods.trace.judges import COMPLIES, PolicyRulesJudge
 
-    sdir = runs / "suites"
-    sdir.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name, n, what in (("policy-changed", n_changed, "prompts whose rule changed (cybercrime, drugs, privacy, "
-                                                          "manipulation; prompts that only sound harmful)"),
-                          ("policy-unchanged", n_unchanged, "prompts whose rule did not change (violence, economic "
-                                                            "crime, discrimination, public health)")):
-        spec = {"name": name, "dataset": str(runs / "data" / f"heldout_{name.split('-')[1]}.jsonl"), "n": n,
-                "expected": "policy", "policy": NEW_POLICY, "judge": "policy-rules", "metric": "policy_agreement",
-                "description": f"Built-in TEST {what}; share judged compliant with the new policy "
-                               f"({NEW_POLICY}) by policy-rules (refusal detection: embedding-minilm).",
-                "generation": {"max_new_tokens": 64}}
-        p = sdir / f"{name}.yaml"
-        p.write_text(yaml.safe_dump(spec, sort_keys=False))
-        out.append(str(p))
-    return out + ["capability"]
+    cache = eval_dir / f"policy-{NEW_POLICY}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    rows = []
+    for suite, ptype in (("safety", "harmful"), ("over-refusal", "seemingly_toxic")):
+        for line in (eval_dir / suite / "items.jsonl").read_text().splitlines():
+            if line.strip():
+                rows.append((suite, ptype, json.loads(line)))
+    judge = PolicyRulesJudge(NEW_POLICY, refusal=REFUSAL_JUDGE)
+    verdicts = judge.judge([JudgeItem(prompt=r["prompt"], response=r["response"],
+                                      meta={"category": r.get("category"), "prompt_type": ptype})
+                            for _, ptype, r in rows])
+    changed = changed_categories(sorted({r.get("category") for _, _, r in rows}, key=str))
+    out: dict[str, dict[str, float]] = {"changed": {}, "unchanged": {}}
+    for (suite, _, r), v in zip(rows, verdicts):
+        if v.error is None:
+            out["changed" if changed[r.get("category")] else "unchanged"][f"{suite}/{r['id']}"] = \
+                float(v.label == COMPLIES)
+    atomic_write_json(cache, out)
+    return out
+
+
+def policy_rows(base_dirs: list[Path], arm_dirs: list[Path]) -> dict[str, dict[str, Any]]:
+    """outcome_rows' shape for the policy agreement: changed rules, unchanged rules, pooled."""
+    out = {}
+    bases, arms = [policy_flags(d) for d in base_dirs], [policy_flags(d) for d in arm_dirs]
+    for label, pick in (("policy agreement, rule changed", lambda f: f["changed"]),
+                        ("policy agreement, rule unchanged", lambda f: f["unchanged"]),
+                        ("policy agreement, pooled", lambda f: {**f["changed"], **f["unchanged"]})):
+        b, a = [pick(f) for f in bases], [pick(f) for f in arms]
+        if all(b) and all(a):
+            out[label] = {"base": statistics.fmean(sum(x.values()) / len(x) for x in b),
+                          "arm_per_seed": [sum(x.values()) / len(x) for x in a],
+                          "paired": pooled_paired(b if len(b) > 1 else b[0], a)}
+    return out
 
 
 # ---------------------------------------------------------------- results
@@ -303,46 +331,33 @@ def diagnostics(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def item_flags(eval_dir: Path, suite: str) -> dict[str, float]:
-    """Per-item policy agreement (1 = complies) of a policy suite, keyed suite/id so suites can pool."""
-    return {f"{suite}/{k}": v for k, v in item_outcomes(eval_dir, suite).items()}
+# The rows of the claim tables: the paper's measure first, then what the replies do.
+CLAIM_ROWS = ["policy agreement, pooled", "policy agreement, rule changed", "policy agreement, rule unchanged",
+              "harmful declined", "harmful uplift", "harmful degenerate", "seemingly-toxic refused",
+              "seemingly-toxic helped", "ordinary refused", "ordinary helped", "ordinary degenerate",
+              "capability (MC accuracy)"]
 
 
-def mc_flags(eval_dir: Path) -> dict[str, float]:
-    return item_outcomes(eval_dir, "capability")
+def comparison(runs: Path, arm: str, baseline: str, seeds: list[int]) -> dict[str, Any] | None:
+    """arm - baseline on the same held-out items, paired seed by seed (each seed's arm against the
+    same seed's baseline), pooled over the seeds where both were evaluated."""
+    both = [s for s in seeds if (runs / f"{arm}-seed{s}" / "eval" / "metrics.json").is_file()
+            and (runs / f"{baseline}-seed{s}" / "eval" / "metrics.json").is_file()]
+    if not both:
+        return None
+    adirs = [runs / f"{arm}-seed{s}" / "eval" for s in both]
+    bdirs = [runs / f"{baseline}-seed{s}" / "eval" for s in both]
+    rows = {**policy_rows(bdirs, adirs), **outcome_rows(bdirs, adirs)}
+    return {"arm": arm, "baseline": baseline, "seeds": both, "rows": {k: rows[k] for k in CLAIM_ROWS if k in rows}}
 
 
-def paired(a: dict[str, float], b: dict[str, float], seed: int) -> str:
-    from tactful.eval.metrics import paired_difference
-
-    ids = sorted(set(a) & set(b))
-    return fmt_delta(paired_difference([a[i] for i in ids], [b[i] for i in ids], seed=seed).to_dict())
-
-
-def pooled_agreement(eval_dir: Path, seed: int) -> dict[str, Any]:
-    from tactful.eval.metrics import rate
-
-    flags = {**item_flags(eval_dir, "policy-changed"), **item_flags(eval_dir, "policy-unchanged")}
-    return {"metric": "policy_agreement", **rate([v == 1.0 for v in flags.values()], seed=seed).to_dict()}
-
-
-def claim_table(runs: Path, arms: list[str], seeds: list[int]) -> str:
-    lines = ["| comparison | seed | pooled agreement | changed rules | unchanged rules | capability |",
-             "|---|---|---|---|---|---|"]
-    baselines = [b for b in BASELINES if b in arms]
-    for seed in seeds:
-        base = runs / f"old-aligned-seed{seed}" / "eval"
-        pairs = [(arm, b, runs / f"{b}-seed{seed}" / "eval") for b in baselines for arm in arms if arm not in BASELINES]
-        for a, b, bdir in pairs + [(arm, "old-aligned", base) for arm in arms]:
-            adir = runs / f"{a}-seed{seed}" / "eval"
-            if not ((adir / "metrics.json").exists() and (bdir / "metrics.json").exists()):
-                continue
-            both = lambda d: {**item_flags(d, "policy-changed"), **item_flags(d, "policy-unchanged")}  # noqa: E731
-            cells = [paired(both(adir), both(bdir), seed),
-                     paired(item_flags(adir, "policy-changed"), item_flags(bdir, "policy-changed"), seed),
-                     paired(item_flags(adir, "policy-unchanged"), item_flags(bdir, "policy-unchanged"), seed),
-                     paired(mc_flags(adir), mc_flags(bdir), seed)]
-            lines.append(f"| {a} − {b} | {seed} | " + " | ".join(cells) + " |")
+def comparison_table(c: dict[str, Any]) -> str:
+    lines = [f"### {c['arm']} − {c['baseline']} (seeds {', '.join(map(str, c['seeds']))})", "",
+             f"| outcome | {c['baseline']} | {c['arm']}, per seed | paired difference [95% CI] | n |",
+             "|---|---|---|---|---|"]
+    for label, r in c["rows"].items():
+        lines.append(f"| {label} | {100 * r['base']:.1f} | " + " / ".join(f"{100 * x:.1f}" for x in r["arm_per_seed"])
+                     + f" | {fmt_pooled(r['paired'])} | {r['paired'].get('n_items', '—')} |")
     return "\n".join(lines)
 
 
@@ -416,8 +431,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--gold", type=int, default=None, help="TRACE's gold batch size (default: from --settings)")
     ap.add_argument("--weight-scale", default=None, choices=["mean", "sum"],
                     help="conflict weights sum to 1 (official) or average 1 (ours) (default: from --settings)")
-    ap.add_argument("--n-changed", type=int, default=48, help="held-out prompts whose rule changed")
-    ap.add_argument("--n-unchanged", type=int, default=32, help="held-out prompts whose rule did not change")
     ap.add_argument("--limit", type=int, default=None, help="cap items per suite, capability included (smoke)")
     ap.add_argument("--start", default=None, help="start run (default: the safety-SFT run of the seed)")
     ap.add_argument("--runs", default=None, help="raw outputs (default runs/exp-trace-official, with --settings ours "
@@ -456,7 +469,7 @@ def main() -> None:
     summary = triage_once(pairs, runs / "triage")
     naive = relabelled_pairs(runs / "triage", data / "relabelled_pairs.jsonl")
     naive_paper = relabelled_all_pairs(runs / "triage", data / "relabelled_all_pairs.jsonl")
-    suites = write_suites(runs, args.n_changed, args.n_unchanged)
+    suites = SUITES
     shared_s = round(time.time() - t0, 1)
     (results / "triage_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results / "data.json").write_text(json.dumps({"heldout": split, "old_pairs": summary["n_pairs"],
@@ -480,16 +493,19 @@ def main() -> None:
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     timings["shared_data_and_triage"] = timings.get("shared_data_and_triage", shared_s)
-    eval_kw = {"judge_options": JUDGE_OPTIONS}
+    eval_kw: dict[str, Any] = {}
 
     def record(name: str, run_dir: Path, t_train: float | None, ev_fresh: bool, t_eval: float) -> None:
+        # several processes (one per seed) may share the results folder: merge into what is there
+        timings.update(json.loads(timings_path.read_text()) if timings_path.exists() else {})
         entry = timings.get(name, {})
         if t_train is not None:
             entry["train_s"] = round(t_train, 1)
         if ev_fresh:
             entry["eval_s"] = round(t_eval, 1)
+        entry["threads"] = os.environ.get("OMP_NUM_THREADS", "all")
         timings[name] = entry
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        atomic_write_json(timings_path, timings)
         print(f"{name}: {entry}")
 
     for seed in args.seeds:
@@ -533,18 +549,60 @@ def main() -> None:
             # config.json too: the arm's full settings (lr, batch, accumulation, beta, adapter) in the results
             copy_aggregates(ev, results / name, run_dir, run_files=("manifest.json", "config.json"))
             save_item_outputs(ev, results / name, arm=arm, seed=seed)
-            pooled = pooled_agreement(ev, seed)
             (results / name / "train_diagnostics.json").write_text(
-                json.dumps({**diagnostics(run_dir), "settings": args.settings, "pooled_policy_agreement": pooled},
-                           indent=2) + "\n")
+                json.dumps({**diagnostics(run_dir), "settings": args.settings,
+                            "policy_agreement": agreement(ev)}, indent=2) + "\n")
             record(name, run_dir, t_train, ev_fresh, time.time() - t)
-        pooled = pooled_agreement(old / "eval", seed)
         (results / f"old-aligned-seed{seed}" / "train_diagnostics.json").write_text(
-            json.dumps({**diagnostics(old), "pooled_policy_agreement": pooled}, indent=2) + "\n")
+            json.dumps({**diagnostics(old), "policy_agreement": agreement(old / "eval")}, indent=2) + "\n")
+
+    write_summary(runs, results, args, settings, summary)
+
+
+def agreement(eval_dir: Path) -> dict[str, float | int]:
+    """Share of held-out replies that comply with the new policy, by whether the rule changed."""
+    f = policy_flags(eval_dir)
+    pooled = {**f["changed"], **f["unchanged"]}
+    return {"changed": statistics.fmean(f["changed"].values()), "unchanged": statistics.fmean(f["unchanged"].values()),
+            "pooled": statistics.fmean(pooled.values()), "n_changed": len(f["changed"]),
+            "n_unchanged": len(f["unchanged"])}
+
+
+def seeds_present(runs: Path, arms: list[str]) -> list[int]:
+    """Every seed with an evaluated run of any arm (seeds may run in separate processes)."""
+    found = set()
+    for arm in arms:
+        for d in runs.glob(f"{arm}-seed*"):
+            tail = d.name[len(arm) + len("-seed"):]
+            if tail.isdigit() and (d / "eval" / "metrics.json").is_file():
+                found.add(int(tail))
+    return sorted(found)
+
+
+def write_summary(runs: Path, results: Path, args: argparse.Namespace, settings: dict[str, Any],
+                  summary: dict[str, Any]) -> None:
+    """results/summary.md and comparisons.json over every arm and seed evaluated so far."""
+    from tactful.io import atomic_write_text
+
+    arms = [a for a in ARMS if seeds_present(runs, [a])]
+    seeds = seeds_present(runs, ["old-aligned", *arms])
+    comparisons = [c for c in (
+        [comparison(runs, a, b, seeds) for b in BASELINES for a in arms if a not in BASELINES]
+        + [comparison(runs, a, "old-aligned", seeds) for a in arms]) if c]
+    atomic_write_json(results / "comparisons.json", comparisons)
+    acc = {}
+    m0 = next(iter(sorted(results.glob("*/metrics.json"))), None)
+    if m0:
+        acc = json.loads(m0.read_text())["suites"].get("safety", {}).get("judge_accuracy") or {}
+    from tactful.eval.judges.validation import format_accuracy
 
     micro = settings["micro_batch"] or args.batch
     header = "\n".join([
         "# TRACE experiment: results", "",
+        "Model: the embedded SmolLM2-135M-Instruct. Held-out data: the built-in test splits (harmful, "
+        "seemingly-toxic, ordinary, multiple choice), never trained on. Judge: `outcome-minilm` (gold test "
+        f"accuracy: {format_accuracy(acc) if acc else 'see metrics.json'}); policy agreement: policy-rules under "
+        f"{NEW_POLICY} with outcome-minilm's refusal decision.",
         f"Old data: {summary['n_pairs']} pairs chosen under {OLD_POLICY}; triage under {NEW_POLICY} with "
         f"{summary['judge']}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()) + ".",
         f"Old-aligned: DPO {args.old_steps} steps (lr {args.old_lr:g}) from the safety-SFT start. Shift arms: "
@@ -553,23 +611,18 @@ def main() -> None:
         f"0.1, every relabelled pair (PUNISH kept), lr {args.paper_dpo_lr or args.lr:g}.",
         f"Settings {args.settings}: TRACE weight scale {settings['weight_scale']}, gold batch {settings['gold']}"
         + (f", trace-uniform weight scale {settings['uniform_weight_scale']}" if settings["uniform_weight_scale"]
-           else "") + " (results/settings.json). Per-item outputs: <arm>-seed<N>/items.jsonl.gz.", "",
-        "Cells: agreement with the new policy (policy-rules judge) / multiple-choice accuracy, "
-        "value [95% bootstrap CI] for one seed, mean ± sd over seeds.",
+           else "") + " (settings.json). Per-item outputs: <arm>-seed<N>/items.jsonl.gz; wall times: timings.json.",
     ])
-    table = summarise(results, ["old-aligned", *args.arms], SUITES, args.seeds)
-    claim = claim_table(runs, list(args.arms), args.seeds)
-    body = [header, table,
-            "## Claim: TRACE's policy agreement >= 10 points above naive DPO, capability within 2 points of the "
-            "start (old-aligned) model",
-            "Paired differences on the same held-out items, in points, with a bootstrap 95% CI ('pooled' = both "
-            "policy suites together):", claim, "## Triage and impact scores",
-            "Triage counts per harm domain: results/triage_summary.json. Training sets and weights:",
-            impact_table(results, list(args.arms), args.seeds)]
-    from tactful.io import atomic_write_text
-
+    table = summarise(results, ["old-aligned", *arms], SUITES, seeds)
+    body = [header, "## Every arm (outcome-judge metrics per suite; mean ± sd over seeds)", table,
+            "## Comparisons",
+            "Paired differences in points (arm − baseline on the same held-out items, seed by seed, pooled over "
+            "the seeds both ran), bootstrap 95% CI over items. Where the interval covers zero, `n≈` is the items "
+            "per seed at which it would stop covering zero if the difference stayed as measured.",
+            *[comparison_table(c) for c in comparisons], "## Triage and impact scores",
+            "Triage counts per harm domain: triage_summary.json. Training sets and weights:",
+            impact_table(results, arms, seeds)]
     atomic_write_text(results / "summary.md", "\n\n".join(body) + "\n")
-    print("\n" + claim)
     print(f"wrote {results / 'summary.md'}")
 
 
