@@ -87,3 +87,33 @@ def test_item_outputs_are_compressed_reproducible_and_carry_no_prompt_text(tmp_p
     assert by_id["s0"]["response"] == "reply 0" and by_id["s0"]["outcome"] == 1.0 and by_id["s1"]["outcome"] == 0.0
     assert by_id["s3"]["outcome"] is None  # the judge failed on it: no outcome, as the metric leaves it out
     assert (by_id["m0"]["pred"], by_id["m0"]["outcome"]) == (0, 1.0) and by_id["m1"]["outcome"] == 0.0
+
+
+def _outcome_items(path: Path, suite: str, refused: list[bool]) -> None:
+    (path / suite).mkdir(parents=True, exist_ok=True)
+    rows = [{"id": f"i{k}", "response": "r", "verdict": {"label": "declined" if r else "attempted", "refused": r,
+                                                           "uplift": False, "degenerate": False}}
+            for k, r in enumerate(refused)]
+    (path / suite / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pooled_paired_pairs_seed_by_seed_and_says_what_n_would_resolve(tmp_path: Path) -> None:
+    # baseline per seed: seed 0 refuses items 0-4, seed 1 items 0-3; the arm one item more in each seed
+    bases, arms = [], []
+    for seed, k in ((0, 5), (1, 4)):
+        _outcome_items(tmp_path / f"base{seed}", "safety", [i < k for i in range(20)])
+        _outcome_items(tmp_path / f"arm{seed}", "safety", [i < k + 1 for i in range(20)])
+        bases.append(tmp_path / f"base{seed}")
+        arms.append(tmp_path / f"arm{seed}")
+    rows = common.outcome_rows(bases, arms, rows=[("harmful declined", "safety", "declined")])
+    r = rows["harmful declined"]
+    assert abs(r["base"] - 0.225) < 1e-9 and r["arm_per_seed"] == [0.3, 0.25]
+    p = r["paired"]
+    assert abs(p["delta"] - 0.05) < 1e-9 and p["per_seed"] == [0.05, 0.05] and p["n_seeds"] == 2
+    assert p["ci_low"] <= 0.0 <= p["ci_high"]  # one changed item per 20: not resolved
+    assert p["n_to_resolve"] > 20
+    assert "n≈" in common.fmt_pooled(p)
+    # against one shared baseline (a greedy base model) every seed pairs with the same run
+    shared = common.pooled_paired(common.outcome_flags(bases[0], "safety", "declined"),
+                                  [common.outcome_flags(a, "safety", "declined") for a in arms])
+    assert abs(shared["delta"] - 0.025) < 1e-9 and shared["per_seed"] == [0.05, 0.0]

@@ -236,7 +236,7 @@ class PolicyRulesJudge:
         self.policy = load_policy(policy)
         self.refusal = get_judge(refusal, **(refusal_options or {})) if isinstance(refusal, str) else refusal
         if getattr(self.refusal, "task", None) not in ("refusal", "outcome"):
-            raise UserError(f"policy-rules needs a refusal or outcome judge for refusal detection; "
+            raise UserError(f"policy-rules needs a refusal judge (or an outcome judge) for refusal detection; "
                             f"{self.refusal.name!r} has task {getattr(self.refusal, 'task', None)!r}")
         self.name = f"policy-rules[{self.refusal.name}]"
 
