@@ -348,3 +348,30 @@ def fmt_pooled(p: dict[str, Any]) -> str:
         return "—"
     s = f"{100 * p['delta']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
     return s + (f" (n≈{p['n_to_resolve']} to resolve)" if p.get("n_to_resolve") else "")
+
+
+def seed_comparison(runs: Path, arm: str, baseline: str, seeds: Sequence[int], *,
+                    rows: Sequence[tuple[str, str, str]] = OUTCOME_ROWS, extra: Any = None) -> dict[str, Any] | None:
+    """arm − baseline on the same held-out items, paired seed by seed (runs/<arm>-seed<N>/eval
+    against runs/<baseline>-seed<N>/eval), pooled over the seeds where both were evaluated.
+    `extra(base_dirs, arm_dirs)` may add rows of the experiment's own (e.g. policy agreement);
+    they come first."""
+    both = [s for s in seeds if (runs / f"{arm}-seed{s}" / "eval" / "metrics.json").is_file()
+            and (runs / f"{baseline}-seed{s}" / "eval" / "metrics.json").is_file()]
+    if not both:
+        return None
+    adirs = [runs / f"{arm}-seed{s}" / "eval" for s in both]
+    bdirs = [runs / f"{baseline}-seed{s}" / "eval" for s in both]
+    out_rows = {**(extra(bdirs, adirs) if extra else {}), **outcome_rows(bdirs, adirs, rows)}
+    return {"arm": arm, "baseline": baseline, "seeds": list(both), "rows": out_rows}
+
+
+def comparison_markdown(c: dict[str, Any]) -> str:
+    """One comparison of `seed_comparison` as a markdown table."""
+    lines = [f"### {c['arm']} − {c['baseline']} (seeds {', '.join(map(str, c['seeds']))})", "",
+             f"| outcome | {c['baseline']} | {c['arm']}, per seed | paired difference [95% CI] | n |",
+             "|---|---|---|---|---|"]
+    for label, r in c["rows"].items():
+        lines.append(f"| {label} | {100 * r['base']:.1f} | " + " / ".join(f"{100 * x:.1f}" for x in r["arm_per_seed"])
+                     + f" | {fmt_pooled(r['paired'])} | {r['paired'].get('n_items', '—')} |")
+    return "\n".join(lines)

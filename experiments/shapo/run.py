@@ -14,7 +14,9 @@ ShaPO and Dr.DPO + ShaPO. Metrics on prompts no arm trained on: safety (refusal 
 PKU-SafeRLHF prompts (in-distribution), on the built-in harmful test split and on AdvBench
 (out-of-distribution); compliance on the built-in seemingly-toxic test split (over-refusal);
 built-in multiple-choice capability. Win rate against the dataset's safe answer needs an LLM
-judge endpoint (--judge-url); without one it is not run. Judge: embedding-minilm (offline).
+judge endpoint (--judge-url); without one it is not run. Judge: outcome-minilm (offline,
+validated on real replies of this model: docs/judging.md); PKU answers are judged by harmful
+uplift first, then declined.
 
 The ShaPO arms' probe: by default fitted by each arm on up to 128 responses of its own
 training pairs. With --probe-data all it is fitted once per seed, on the start model (the model
@@ -50,18 +52,20 @@ sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
     ADVBENCH,
+    OUTCOME_ROWS,
     TWO_CORE_SPEEDUP,
     check_public_suites,
+    comparison_markdown,
     copy_aggregates,
     evaluate,
-    fmt_delta,
     is_complete,
-    paired_delta,
     safety_sft_start,
     save_item_outputs,
+    seed_comparison,
     summarise,
     train,
 )
+from tactful.io import atomic_write_json  # noqa: E402
 
 PKU_FILE = ROOT.parent / "shared" / "data" / "pku_saferlhf_test_safety_pairs_5k.json"
 
@@ -74,8 +78,15 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "shapo": ("shapo.yaml", []),
     "drdpo-shapo": ("shapo.yaml", ["loss.drdpo=true"]),
 }
-SAFETY_SUITES = ("pku-heldout", "safety", "advbench")
-SUITE_ORDER = ["pku-heldout", "safety", "advbench", "over-refusal", "capability"]
+# each ShaPO arm and the arm that differs from it only by ShaPO
+MATCHED_BASELINE = {"shapo": "dpo", "drdpo-shapo": "drdpo"}
+SUITE_ORDER = ["pku-heldout", "advbench", "safety", "over-refusal", "benign", "capability"]
+# The comparisons' rows: PKU-SafeRLHF's held-out prompts are judged by harmful uplift first (their
+# safe answers often help rather than refuse, so declining is not the only safe outcome), then
+# what the replies do on the out-of-distribution sets (outcome-minilm on every generative suite).
+PKU_ROWS = [("PKU held-out uplift", "pku-heldout", "uplift"), ("PKU held-out declined", "pku-heldout", "declined"),
+            ("PKU held-out degenerate", "pku-heldout", "degenerate"),
+            ("AdvBench uplift", "advbench", "uplift"), ("AdvBench declined", "advbench", "declined")]
 
 # Seconds on 2 free cores, from CPU seconds measured with one thread on this (shared) machine
 # divided by 1.7 (see README, "Budget"): a training step at batch 4 with cached reference
@@ -93,11 +104,13 @@ CALIBRATION = {"dpo_step_s": 5.0, "shapo_step_s": 6.0, "ref_pair_s": 0.45, "prob
 PROBE_MAX_LENGTH = 256
 
 
-def arm_name(method: str, noise: float, probe_data: str = "train") -> str:
-    # A probe fitted on all labelled responses makes a different ShaPO arm; the others do not
-    # depend on it, so they keep their names (and finished runs).
-    probe = "-probeall" if probe_data == "all" and "shapo" in method else ""
-    return f"{method}{probe}-noise{round(100 * noise)}"
+def arm_name(method: str, noise: float, probe_data: str = "train", perturbation: str = "sam") -> str:
+    # A probe fitted on all labelled responses, or the official gamma perturbation, makes a
+    # different ShaPO arm; the others do not depend on them, so they keep their names (and runs).
+    shapo = "shapo" in method
+    probe = "-probeall" if probe_data == "all" and shapo else ""
+    gamma = "-gamma" if perturbation == "official" and shapo else ""
+    return f"{method}{probe}{gamma}-noise{round(100 * noise)}"
 
 
 def label_smoothing(noise: float) -> float:
@@ -118,21 +131,25 @@ def write_suites(runs: Path, heldout: Path, n_gen: int, n_pku: int, n_mc: int) -
     specs = {
         "pku-heldout": {"name": "pku-heldout", "dataset": str(heldout), "n": n_pku, "expected": "refuse",
                         "description": "PKU-SafeRLHF prompts held out from training (split by prompt; "
-                                       "in-distribution). Metric = share refused.",
-                        "judge": "embedding-minilm", "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
+                                       "in-distribution). Metric = share declined; the outcome judge also "
+                                       "reports harmful uplift.",
+                        "judge": "outcome-minilm", "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
         "safety": {"name": "safety", "dataset": "builtin-harmful", "split": "test", "n": n_gen, "expected": "refuse",
                    "description": "Built-in harmful test prompts (out-of-distribution for PKU training). "
-                                  "Metric = share refused.",
-                   "judge": "embedding-minilm", "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
+                                  "Metric = share declined.",
+                   "judge": "outcome-minilm", "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
         "advbench": {"name": "advbench", "dataset": "advbench", "path": str(Path(adv.path).resolve()), "n": n_gen,
                      "expected": "refuse", "description": adv.description.split(",")[0] + f", seeded subsample of "
-                     f"{n_gen}. Metric = share refused.",
-                     "judge": adv.judge, "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
+                     f"{n_gen}. Metric = share declined.",
+                     "judge": "outcome-minilm", "metric": "safe_rate", "generation": {"max_new_tokens": 64}},
         "over-refusal": {"name": "over-refusal", "dataset": "builtin-seemingly-toxic", "split": "test", "n": n_gen,
                          "expected": "comply", "description": "Built-in seemingly-toxic test prompts. Metric = "
-                                                              "share fully complied with.",
-                         "judge": "embedding-minilm", "metric": "compliance_rate",
+                                                              "share not refused.",
+                         "judge": "outcome-minilm", "metric": "compliance_rate",
                          "generation": {"max_new_tokens": 64}},
+        "benign": {"name": "benign", "dataset": "builtin-benign", "split": "test", "n": n_gen, "expected": "comply",
+                   "description": "Built-in ordinary instructions (test split). Metric = share not refused.",
+                   "judge": "outcome-minilm", "metric": "compliance_rate", "generation": {"max_new_tokens": 64}},
         "capability": {"name": "capability", "dataset": "builtin-capability", "split": "test", "n": n_mc,
                        "expected": "multiple-choice", "metric": "accuracy",
                        "description": "Built-in multiple-choice questions (test split), a sanity check of the "
@@ -159,7 +176,8 @@ def train_arm(method: str, noise: float, seed: int, *, start: Path, pairs: Path,
                  "training.logging_steps=5", *[o.format(eps=eps) for o in method_overrides]]
     if recipe == "shapo.yaml":
         overrides += shapo + ([f"probe.file={probe_file}"] if probe_file else [])
-    name = arm_name(method, noise, "all" if probe_file and recipe == "shapo.yaml" else "train")
+    perturbation = next((o.split("=", 1)[1] for o in shapo if o.startswith("shapo.perturbation=")), "sam")
+    name = arm_name(method, noise, "all" if probe_file and recipe == "shapo.yaml" else "train", perturbation)
     return train(recipe, runs / f"{name}-seed{seed}", [*overrides, *extra])
 
 
@@ -237,17 +255,25 @@ def diagnostics(run_dir: Path) -> dict[str, Any]:
     return out
 
 
-def claim_table(runs: Path, pairs_to_compare: list[tuple[str, str]], seeds: list[int]) -> str:
-    """Paired differences (same prompts) of safety between two arms, per suite, with a bootstrap CI."""
-    lines = ["| comparison | seed | " + " | ".join(SAFETY_SUITES) + " |", "|---|---|" + "---|" * len(SAFETY_SUITES)]
-    for a, b in pairs_to_compare:
-        for seed in seeds:
-            ea, eb = runs / f"{a}-seed{seed}" / "eval", runs / f"{b}-seed{seed}" / "eval"
-            if not ((ea / "metrics.json").exists() and (eb / "metrics.json").exists()):
-                continue
-            cells = [fmt_delta(paired_delta(ea, eb, suite, seed=seed)) for suite in SAFETY_SUITES]
-            lines.append(f"| {a} − {b} | {seed} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def all_seeds(runs: Path, arms: list[str]) -> list[int]:
+    """Every seed with an evaluated run of any of `arms` (seeds may run in separate processes)."""
+    found = set()
+    for arm in arms:
+        for d in runs.glob(f"{arm}-seed*"):
+            tail = d.name[len(arm) + len("-seed"):]
+            if tail.isdigit() and (d / "eval" / "metrics.json").is_file():
+                found.add(int(tail))
+    return sorted(found)
+
+
+def judge_accuracy(results: Path) -> str:
+    from tactful.eval.judges.validation import format_accuracy
+
+    for m in sorted(results.glob("*/metrics.json")):
+        acc = json.loads(m.read_text())["suites"].get("safety", {}).get("judge_accuracy")
+        if acc:
+            return format_accuracy(acc)
+    return "see metrics.json"
 
 
 def shapo_table(results: Path, arms: list[str], seeds: list[int]) -> str:
@@ -271,7 +297,8 @@ def shapo_table(results: Path, arms: list[str], seeds: list[int]) -> str:
 
 
 def estimate_s(methods: list[str], noises: list[float], seeds: list[int], steps: int, batch: int, runs: Path,
-               with_start: bool, probe_data: str = "train", probe_responses: int = 0) -> float:
+               with_start: bool, probe_data: str = "train", probe_responses: int = 0,
+               perturbation: str = "sam") -> float:
     c = CALIBRATION
     cache = runs / "data" / "ref_logps.jsonl"
     cached = len(cache.read_text().splitlines()) // 2 if cache.exists() else 0
@@ -284,7 +311,7 @@ def estimate_s(methods: list[str], noises: list[float], seeds: list[int], steps:
             total += probe_responses * c["probe_response_s"]
         for noise in noises:
             for m in methods:
-                d = runs / f"{arm_name(m, noise, probe_data)}-seed{seed}"
+                d = runs / f"{arm_name(m, noise, probe_data, perturbation)}-seed{seed}"
                 if not is_complete(d):
                     per = c["shapo_step_s"] if "shapo" in m else c["dpo_step_s"]
                     own_probe = c["probe_s"] if "shapo" in m and probe_data == "train" else 0.0
@@ -396,13 +423,14 @@ def main() -> None:
         return
 
     est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval,
-                     args.probe_data, probe_info["distinct_responses"] if probe_info else 0)
+                     args.probe_data, probe_info["distinct_responses"] if probe_info else 0, args.shapo_perturbation)
     print(f"{len(args.arms) * len(args.noise) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
           f"estimated time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    arms = [arm_name(m, n, args.probe_data) for n in args.noise for m in args.arms]
+    pert = args.shapo_perturbation
+    arms = [arm_name(m, n, args.probe_data, pert) for n in args.noise for m in args.arms]
     for seed in args.seeds:
         start = start_of(seed)
         if not args.no_start_eval:
@@ -423,7 +451,7 @@ def main() -> None:
             probe_file = out / "shapo_probe.safetensors"
         for noise in args.noise:
             for method in args.arms:
-                name = f"{arm_name(method, noise, args.probe_data)}-seed{seed}"
+                name = f"{arm_name(method, noise, args.probe_data, pert)}-seed{seed}"
                 t0 = time.time()
                 done = is_complete(runs / name)
                 run_dir = train_arm(method, noise, seed, start=start, pairs=pairs, runs=runs, steps=args.steps,
@@ -434,7 +462,7 @@ def main() -> None:
                 ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit)
                 t2 = time.time()
                 copy_aggregates(ev, results / name, run_dir)
-                save_item_outputs(ev, results / name, arm=arm_name(method, noise, args.probe_data), seed=seed)
+                save_item_outputs(ev, results / name, arm=arm_name(method, noise, args.probe_data, pert), seed=seed)
                 (results / name / "train_diagnostics.json").write_text(json.dumps(diagnostics(run_dir), indent=2))
                 entry = timings.get(name, {})
                 if not done:
@@ -456,7 +484,8 @@ def main() -> None:
         f"(one per prompt) for training; {data['prompts']['heldout']} held-out prompts. "
         f"{args.steps} steps x batch {args.batch}, LoRA r16, beta 0.1, lr {args.lr:g} for every arm. "
         f"ShaPO perturbation: {args.shapo_perturbation}" + (f" (rho {args.rho})" if args.shapo_perturbation == "sam"
-                                                              else "") + ". Judge: embedding-minilm.",
+                                                              else "") + ". Judge: outcome-minilm "
+        f"(gold test accuracy: {judge_accuracy(results)}).",
         "ShaPO probe: " + ("one per seed on every labelled response of the training prompts, on the start model "
                            "(results/probe-all-seed<N>.json)" if args.probe_data == "all" else
                            "each arm's own, on up to 128 responses of its training pairs") + ".",
@@ -465,11 +494,17 @@ def main() -> None:
     ]
     labels = ["start", *arms] if not args.no_start_eval else arms
     table = summarise(results, labels, SUITE_ORDER, args.seeds)
-    compare = [(arm_name("shapo", n, args.probe_data), arm_name("dpo", n)) for n in args.noise] + \
-              [(arm_name("drdpo-shapo", n, args.probe_data), arm_name("drdpo", n)) for n in args.noise]
-    claim = claim_table(runs, compare, args.seeds)
-    body = ["\n".join(header), table, "## Claim: at 30% noise ShaPO keeps safety >= 5 points above DPO",
-            "Paired differences of the safety rate (same prompts), in points, with a bootstrap 95% CI:", claim,
+    # every ShaPO arm against its matched baseline (same loss without ShaPO), at each noise level
+    pairs_to_compare = [(arm_name(m, n, args.probe_data, pert), arm_name(base, n))
+                        for n in args.noise for m, base in MATCHED_BASELINE.items()]
+    comparisons = [c for a, b in pairs_to_compare
+                   if (c := seed_comparison(runs, a, b, all_seeds(runs, [a, b]), rows=[*PKU_ROWS, *OUTCOME_ROWS]))]
+    atomic_write_json(results / "comparisons.json", comparisons)
+    body = ["\n".join(header), table, "## Claim: at 30% noise ShaPO keeps the model safer than DPO",
+            "Paired differences in points (arm − its matched baseline on the same held-out items, seed by seed, "
+            "pooled over the seeds both ran), bootstrap 95% CI over items; `n≈`: items per seed at which the "
+            "interval would stop covering zero if the difference stayed as measured.",
+            *[comparison_markdown(c) for c in comparisons],
             "## ShaPO diagnostics", shapo_table(results, arms, args.seeds)]
     body.append("## Win rate vs the dataset's safe answer")
     if win:
@@ -481,7 +516,6 @@ def main() -> None:
     from tactful.io import atomic_write_text
 
     atomic_write_text(results / "summary.md", "\n\n".join(body) + "\n")
-    print("\n" + claim)
     print(f"wrote {results / 'summary.md'}")
 
 

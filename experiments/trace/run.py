@@ -57,8 +57,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import (OUTCOME_SUITES, copy_aggregates, evaluate, fmt_pooled, is_complete,  # noqa: E402
-                    outcome_rows, pooled_paired, safety_sft_start, save_item_outputs, summarise, train)
+from common import (OUTCOME_SUITES, comparison_markdown, copy_aggregates, evaluate, is_complete,  # noqa: E402
+                    pooled_paired, safety_sft_start, save_item_outputs, seed_comparison, summarise, train)
 from tactful.io import atomic_write_json  # noqa: E402
 
 OLD_POLICY, NEW_POLICY = "old-strict", "new-contextual"
@@ -339,26 +339,11 @@ CLAIM_ROWS = ["policy agreement, pooled", "policy agreement, rule changed", "pol
 
 
 def comparison(runs: Path, arm: str, baseline: str, seeds: list[int]) -> dict[str, Any] | None:
-    """arm - baseline on the same held-out items, paired seed by seed (each seed's arm against the
-    same seed's baseline), pooled over the seeds where both were evaluated."""
-    both = [s for s in seeds if (runs / f"{arm}-seed{s}" / "eval" / "metrics.json").is_file()
-            and (runs / f"{baseline}-seed{s}" / "eval" / "metrics.json").is_file()]
-    if not both:
-        return None
-    adirs = [runs / f"{arm}-seed{s}" / "eval" for s in both]
-    bdirs = [runs / f"{baseline}-seed{s}" / "eval" for s in both]
-    rows = {**policy_rows(bdirs, adirs), **outcome_rows(bdirs, adirs)}
-    return {"arm": arm, "baseline": baseline, "seeds": both, "rows": {k: rows[k] for k in CLAIM_ROWS if k in rows}}
-
-
-def comparison_table(c: dict[str, Any]) -> str:
-    lines = [f"### {c['arm']} − {c['baseline']} (seeds {', '.join(map(str, c['seeds']))})", "",
-             f"| outcome | {c['baseline']} | {c['arm']}, per seed | paired difference [95% CI] | n |",
-             "|---|---|---|---|---|"]
-    for label, r in c["rows"].items():
-        lines.append(f"| {label} | {100 * r['base']:.1f} | " + " / ".join(f"{100 * x:.1f}" for x in r["arm_per_seed"])
-                     + f" | {fmt_pooled(r['paired'])} | {r['paired'].get('n_items', '—')} |")
-    return "\n".join(lines)
+    """arm - baseline, paired seed by seed and pooled (common.seed_comparison), in CLAIM_ROWS order."""
+    c = seed_comparison(runs, arm, baseline, seeds, extra=policy_rows)
+    if c:
+        c["rows"] = {k: c["rows"][k] for k in CLAIM_ROWS if k in c["rows"]}
+    return c
 
 
 def impact_table(results: Path, arms: list[str], seeds: list[int]) -> str:
@@ -619,7 +604,7 @@ def write_summary(runs: Path, results: Path, args: argparse.Namespace, settings:
             "Paired differences in points (arm − baseline on the same held-out items, seed by seed, pooled over "
             "the seeds both ran), bootstrap 95% CI over items. Where the interval covers zero, `n≈` is the items "
             "per seed at which it would stop covering zero if the difference stayed as measured.",
-            *[comparison_table(c) for c in comparisons], "## Triage and impact scores",
+            *[comparison_markdown(c) for c in comparisons], "## Triage and impact scores",
             "Triage counts per harm domain: triage_summary.json. Training sets and weights:",
             impact_table(results, arms, seeds)]
     atomic_write_text(results / "summary.md", "\n\n".join(body) + "\n")
