@@ -127,12 +127,12 @@ def test_demo_search_targets_and_ranking(demo_search):
     assert demo_search.rank_key(good, base) > demo_search.rank_key(evasive, base)
 
 
-def test_demo_search_item_flags_read_verdicts(demo_search, tmp_path):
+def test_demo_search_outcome_flags_read_verdicts(demo_search, tmp_path):
     (tmp_path / "safety").mkdir()
     rows = [{"id": "1", "verdict": {"label": "declined", "refused": True, "degenerate": False}},
             {"id": "2", "verdict": {"label": "evasive", "refused": False, "degenerate": True}},
             {"id": "3", "verdict": {"label": "attempted", "refused": False, "error": "judge failed"}}]
     (tmp_path / "safety" / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert demo_search.item_flags(tmp_path, "safety", "declined") == {"1": 1.0, "2": 0.0}
-    assert demo_search.item_flags(tmp_path, "safety", "evasive") == {"1": 0.0, "2": 1.0}
-    assert demo_search.item_flags(tmp_path, "safety", "degenerate") == {"1": 0.0, "2": 1.0}
+    assert demo_search.outcome_flags(tmp_path, "safety", "declined") == {"1": 1.0, "2": 0.0}
+    assert demo_search.outcome_flags(tmp_path, "safety", "evasive") == {"1": 0.0, "2": 1.0}
+    assert demo_search.outcome_flags(tmp_path, "safety", "degenerate") == {"1": 0.0, "2": 1.0}
