@@ -111,11 +111,12 @@ def describe_unguarded(report: dict[str, Any]) -> str:
     parts = []
     for pattern, entry in report["unguarded"].items():
         layers = entry["layers"]
-        parts.append(f"{pattern} ({_ranges(layers)})" if layers else pattern)
+        parts.append(f"{pattern} ({layer_ranges(layers)})" if layers else pattern)
     return ", ".join(parts)
 
 
-def _ranges(layers: list[int]) -> str:
+def layer_ranges(layers: list[int]) -> str:
+    """'layers 0-3, 7' for [0, 1, 2, 3, 7]."""
     runs: list[list[int]] = []
     for x in layers:
         if runs and x == runs[-1][-1] + 1:

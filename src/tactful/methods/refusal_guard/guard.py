@@ -328,6 +328,8 @@ class SubspaceGuard:
         """One line per parameter pattern over layers (a residual guard holds hundreds of parameters)."""
         import re
 
+        from tactful.methods.refusal_guard.coverage import layer_ranges
+
         groups: dict[tuple[str, str, str], list[tuple[str, int]]] = {}
         for c in self.constraints:
             m = re.search(r"\.(\d+)\.", c.name)
@@ -335,11 +337,11 @@ class SubspaceGuard:
             groups.setdefault((pattern, c.space, c.side), []).append((m.group(1) if m else "", c.basis.shape[1]))
         lines = [f"guarding {len(self.constraints)} parameter(s)"]
         for (pattern, space, side), members in groups.items():
-            layers = ",".join(layer for layer, _ in members if layer)
+            layers = sorted(int(layer) for layer, _ in members if layer)
             ranks = sorted({r for _, r in members})
             rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
             lines.append(f"  {pattern}: {space} subspace, {side}put side, rank {rank}"
-                         + (f", layers {layers}" if layers else ""))
+                         + (f", {layer_ranges(layers)}" if layers else ""))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
