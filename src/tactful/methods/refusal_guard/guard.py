@@ -58,6 +58,8 @@ from tactful.errors import UserError
 from tactful.methods.refusal_guard.capture import HeadLayout, attention_sites, head_layout, projection_in_features
 
 SIDES = ("o_proj", "v_proj")
+# The LoRA role of each side's module (guard.train_only_guarded trains only these).
+SIDE_ROLES = {"o_proj": "attn_out", "v_proj": "attn_v"}
 VALUE_MODES = ("per_head", "shared")
 
 

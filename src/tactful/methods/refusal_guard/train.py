@@ -65,6 +65,7 @@ from tactful.methods.refusal_guard.capture import (
 from tactful.methods.refusal_guard.coverage import coverage_report, require_full_coverage
 from tactful.methods.refusal_guard.features import FeatureSelection, refusal_directions, select_features
 from tactful.methods.refusal_guard.guard import (
+    SIDE_ROLES,
     SIDES,
     VALUE_MODES,
     Subspace,
@@ -93,8 +94,6 @@ from tactful.runs import RUN_LOADERS, RunDir, read_manifest
 
 GUARDS = ("sae", "direction", "none", "safelora")
 COVERAGES = ("attention", "residual")
-# The LoRA role each attention-side guard side protects (train_only_guarded keeps only these).
-GUARDED_ROLES = {"o_proj": "attn_out", "v_proj": "attn_v"}
 DEFAULT_SAE_SOURCES = ["builtin-benign", "builtin-refusals", "builtin-harmful", "builtin-seemingly-toxic-answers",
                        "builtin-informative", "builtin-truthfulness"]
 
@@ -529,8 +528,9 @@ def guarded_lora_settings(config: RefusalGuardConfig, model: Any, guarded_layers
     lora = config.lora
     if config.guard.coverage == "residual":
         return lora  # every reader and writer of every trained layer is guarded already
-    roles = [GUARDED_ROLES[s] for s in config.guard.sides
-             if not (s == "v_proj" and architectures.is_fused(model, "attn_v"))]  # a fused qkv is not value-guarded
+    roles = [SIDE_ROLES[s] for s in config.guard.sides]
+    if architectures.is_fused(model, "attn_v"):
+        roles = [r for r in roles if r != "attn_v"]  # a fused qkv has no value-side guard (attention_sites)
     guarded = architectures.lora_target_modules(model, roles)
     targets = [t for t in architectures.lora_target_modules(model, list(lora.target_modules)) if t in guarded]
     layers = sorted(set(guarded_layers) & (set(lora.layers) if lora.layers is not None else set(guarded_layers)))
