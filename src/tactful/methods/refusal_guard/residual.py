@@ -16,7 +16,8 @@ Per trained layer l, U_l [d_model, k] is an orthonormal basis of the refusal dir
 residual stream the layer sees: the difference-of-means direction (harmful - harmless prompts,
 Arditi et al.) at the layer's input h_l and at its output h_{l+1}, so both the stream the
 attention reads and the stream the MLP writes into are covered (rank <= 2 per layer; they are
-usually close to parallel).
+usually close to parallel). A point where the two means coincide contributes nothing: layer 0's
+input at a chat-template position is the same token embedding for every prompt.
 
     writer  delta_W <- P delta_W,  P = I - U U^T
             u^T (W + delta_W) y = u^T W y for every y and every u in span(U): the update writes
