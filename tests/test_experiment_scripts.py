@@ -93,6 +93,33 @@ def test_update_leakage_sees_guarded_updates_as_orthogonal_and_plain_ones_not(gu
     assert p["layer_1.o_proj"]["random_level"] == pytest.approx(math.sqrt(k / d))
 
 
+def test_every_guard_arm_builds_a_valid_recipe(guard_exp, tmp_path):
+    """A dry check of the arms' overrides: each parses into a config the pipeline accepts, and
+    the coverage arms ask for what their names say."""
+    from tactful.methods.refusal_guard.train import check_guard_settings
+    from tactful.methods.registry import load_recipe
+
+    (tmp_path / "sae-seed0" / "sae").mkdir(parents=True)
+    (tmp_path / "sae-seed0" / "sae" / "summary.json").write_text("{}")  # the sae arm's SAEs, reused
+    configs = {}
+    for arm in guard_exp.GUARD_KIND:
+        overrides = guard_exp.arm_overrides(arm, 0, tmp_path, tmp_path / "start", tmp_path / "tqa.jsonl", steps=2,
+                                            sae_steps=4, sae_tokens=64)
+        _, cfg = load_recipe(str(guard_exp.RECIPE), overrides)
+        check_guard_settings(cfg)
+        configs[arm] = cfg
+    assert set(guard_exp.GUARD_KIND) <= set(guard_exp.ARMS + guard_exp.OPTIONAL_ARMS)
+    assert configs["direction-residual"].guard.coverage == "residual" and configs["direction-residual"].guard.strict
+    assert configs["sae-guarded-only"].guard.train_only_guarded and configs["sae-guarded-only"].guard.kind == "sae"
+    assert configs["sae-guarded-only"].sae.pretrained == str(tmp_path / "sae-seed0" / "sae")
+    assert configs["sae"].guard.coverage == "attention" and not configs["sae"].guard.train_only_guarded
+    rows = [("direction-guarded-only", 0, {"guard_coverage": {
+        "guarded": {"model.layers.*.self_attn.o_proj": {"layers": [10, 15, 20]}},
+        "unguarded": {"model.embed_tokens.weight": {"layers": []}}, "max_update_residual": 3e-9}})]
+    table = "\n".join(guard_exp.coverage_table(rows))
+    assert "| direction-guarded-only | 0 | o_proj x3 | embed_tokens.weight | 3.0e-09 |" in table
+
+
 @pytest.fixture(scope="module")
 def demo_search():
     import sys

@@ -16,7 +16,17 @@ benign + factuality data for the same number of steps (LoRA r=16, all linears):
     truthful-only  (optional) plain LoRA on the TruthfulQA training half alone: the paper's first
                    finding, that a truthfulness intervention raises attack success
     sae-shared     (optional) the SAE guard with value_mode=shared, reusing the sae arm's SAEs
+    direction-residual      (optional) the direction guard plus residual coverage: the refusal
+                            directions in the residual stream at every layer, kept out of every
+                            trained reader (q/k/v/gate/up) and writer (o_proj, down_proj)
+    sae-residual            (optional) the SAE guard plus the same residual coverage
+    direction-guarded-only  (optional) the direction guard, LoRA only on what it protects
+                            (o_proj + v_proj at the guarded layers; guard.train_only_guarded)
+    sae-guarded-only        (optional) the SAE guard, LoRA only on what it protects
     base           (optional) the unaligned embedded model, for scale
+
+The last four are strict (guard.strict=true): they refuse to train any module their guard does
+not protect. The sae-* optional arms reuse the sae arm's SAEs when it has run (sae-shared needs them).
 
 Fine-tuning data: the built-in benign instructions and truthfulness train split, plus the
 training half of TruthfulQA (../shared/data/TruthfulQA.csv, split 50/50 by a fixed seed;
@@ -58,9 +68,21 @@ from common import (  # noqa: E402
 )
 
 ARMS = ("aligned", "lora", "safelora", "direction", "sae")
-OPTIONAL_ARMS = ("truthful-only", "sae-shared", "base")
+OPTIONAL_ARMS = ("truthful-only", "sae-shared", "direction-residual", "sae-residual", "direction-guarded-only",
+                 "sae-guarded-only", "base")
 GUARD_KIND = {"lora": "none", "safelora": "safelora", "direction": "direction", "sae": "sae",
-              "truthful-only": "none", "sae-shared": "sae"}
+              "truthful-only": "none", "sae-shared": "sae", "direction-residual": "direction",
+              "sae-residual": "sae", "direction-guarded-only": "direction", "sae-guarded-only": "sae"}
+# What each arm changes in the guard, on top of guard.kind (issue #18: cover what LoRA trains,
+# or train only what is covered).
+ARM_OVERRIDES = {
+    "sae-shared": ["guard.value_mode=shared"],
+    "direction-residual": ["guard.coverage=residual", "guard.strict=true"],
+    "sae-residual": ["guard.coverage=residual", "guard.strict=true"],
+    "direction-guarded-only": ["guard.train_only_guarded=true", "guard.strict=true"],
+    "sae-guarded-only": ["guard.train_only_guarded=true", "guard.strict=true"],
+}
+REUSES_SAES = ("sae-shared", "sae-residual", "sae-guarded-only")  # the same SAEs isolate the guard's change
 REFUSAL_SUITES = ("safety", "advbench")
 TASK_SUITES = ("truthfulness", "truthfulqa-heldout")
 TRUTHFULQA = ROOT.parent / "shared" / "data" / "TruthfulQA.csv"
@@ -126,23 +148,33 @@ def split_truthfulqa(data_dir: Path, suites_dir: Path, *, eval_n: int | None) ->
 # --------------------------------------------------------------------------- arms
 
 
+def arm_overrides(arm: str, seed: int, runs: Path, start: Path, tqa_train: Path, *, steps: int, sae_steps: int,
+                  sae_tokens: int) -> list[str]:
+    """The recipe overrides of a fine-tuned arm."""
+    data = [str(tqa_train)] if arm == "truthful-only" else ["builtin-benign", "builtin-truthfulness", str(tqa_train)]
+    overrides = [f"seed={seed}", f"start_from={start}", f"guard.kind={GUARD_KIND[arm]}",
+                 f"data.sources=[{', '.join(data)}]", f"training.max_steps={steps}",
+                 f"sae.steps={sae_steps}", f"sae.tokens={sae_tokens}"]
+    if arm in REUSES_SAES:
+        sae_dir = runs / f"sae-seed{seed}" / "sae"
+        if (sae_dir / "summary.json").is_file():
+            overrides.append(f"sae.pretrained={sae_dir}")
+        elif arm == "sae-shared":
+            sys.exit("error: the sae-shared arm reuses the sae arm's SAEs; run --arms sae first")
+        else:
+            log(f"{arm}: the sae arm's SAEs are not there yet; this arm trains its own")
+    return overrides + ARM_OVERRIDES.get(arm, [])
+
+
 def train_arm(arm: str, seed: int, runs: Path, start: Path, tqa_train: Path, *, steps: int, sae_steps: int,
               sae_tokens: int, extra: Sequence[str]) -> Path | None:
     if arm == "aligned":
         return start
     if arm == "base":
         return None
-    out = runs / f"{arm}-seed{seed}"
-    data = [str(tqa_train)] if arm == "truthful-only" else ["builtin-benign", "builtin-truthfulness", str(tqa_train)]
-    overrides = [f"seed={seed}", f"start_from={start}", f"guard.kind={GUARD_KIND[arm]}",
-                 f"data.sources=[{', '.join(data)}]", f"training.max_steps={steps}",
-                 f"sae.steps={sae_steps}", f"sae.tokens={sae_tokens}"]
-    if arm == "sae-shared":
-        sae_dir = runs / f"sae-seed{seed}" / "sae"
-        if not (sae_dir / "summary.json").is_file():
-            sys.exit("error: the sae-shared arm reuses the sae arm's SAEs; run --arms sae first")
-        overrides += [f"sae.pretrained={sae_dir}", "guard.value_mode=shared"]
-    return train(str(RECIPE), out, [*overrides, *extra])
+    overrides = arm_overrides(arm, seed, runs, start, tqa_train, steps=steps, sae_steps=sae_steps,
+                              sae_tokens=sae_tokens)
+    return train(str(RECIPE), runs / f"{arm}-seed{seed}", [*overrides, *extra])
 
 
 def evaluate_arm(run_dir: Path | None, ev: Path, seed: int, limit: int | None, suites: list[str]) -> bool:
@@ -163,9 +195,13 @@ def evaluate_arm(run_dir: Path | None, ev: Path, seed: int, limit: int | None, s
 def guard_diagnostics(run_dir: Path) -> dict[str, Any]:
     """What the run recorded about its guard: SAE metrics, selected latents, the guard's residual."""
     m = json.loads((run_dir / "manifest.json").read_text())
-    out: dict[str, Any] = {k: m.get(k) for k in ("guard", "layers", "value_mode", "rank", "guard_residual",
-                                                  "guarded_parameters", "guard_notes", "safelora_projected",
+    out: dict[str, Any] = {k: m.get(k) for k in ("guard", "layers", "value_mode", "rank", "residual_rank",
+                                                  "guard_residual", "guarded_parameters", "guard_notes",
+                                                  "guard_coverage", "lora_trained", "safelora_projected",
                                                   "train_loss", "steps", "n_examples")}
+    coverage = run_dir / "guard" / "coverage.json"
+    if coverage.is_file():  # every guarded module's measured update residual
+        out["update_residuals"] = json.loads(coverage.read_text()).get("update_residuals")
     if isinstance(m.get("sae"), dict):
         out["sae_metrics"] = m["sae"]
     features = run_dir / "features.json"
@@ -321,7 +357,35 @@ def write_summary(results: Path, runs: Path, arms: Sequence[str], seeds: Sequenc
             parts.append(f"| {arm} | {s} | {sae_cell} | {lat_cell} | {'—' if res is None else f'{res:.1e}'} | "
                          f"{leak_cell} |")
         parts.append("")
+        parts += coverage_table(diag_rows)
     atomic_write_text(results / "summary.md", "\n".join(parts) + "\n")
+
+
+def coverage_table(diag_rows: Sequence[tuple[str, int, dict[str, Any]]]) -> list[str]:
+    """Markdown: per guarded arm, which trained modules its guard covers (and at how many layers),
+    which it leaves free, and the largest measured orthogonality residual of a guarded update."""
+    rows = [(arm, s, d["guard_coverage"]) for arm, s, d in diag_rows if isinstance(d.get("guard_coverage"), dict)]
+    if not rows:
+        return []
+
+    def short(pattern: str) -> str:
+        # the module's leaf name (`o_proj`), or module.param for full fine-tuning (`input_layernorm.weight`)
+        parts = pattern.split(".")
+        return ".".join(parts[-2:]) if parts[-1] in ("weight", "bias") else parts[-1]
+
+    def cell(entries: dict[str, Any]) -> str:
+        # `o_proj x3`: leaf name and layer count (the full patterns and layers are in guard.json)
+        return ", ".join(short(p) + (f" x{len(e['layers'])}" if e.get("layers") else "")
+                         for p, e in entries.items()) or "none"
+
+    out = ["## Guard coverage", "", "Trained modules the guard protects (x layers) and those it leaves free; "
+           "max update residual: max |dW B| (input side) or |B^T dW| (output side) over every guarded module's "
+           "saved update.", "", "| arm | seed | guarded | unguarded | max update residual |", "|---|---|---|---|---|"]
+    for arm, s, cov in rows:
+        res = cov.get("max_update_residual")
+        out.append(f"| {arm} | {s} | {cell(cov.get('guarded', {}))} | {cell(cov.get('unguarded', {}))} | "
+                   f"{'—' if res is None else f'{res:.1e}'} |")
+    return out + [""]
 
 
 # --------------------------------------------------------------------------- main

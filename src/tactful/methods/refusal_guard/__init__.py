@@ -5,6 +5,8 @@
     features.py  refusal latents minus hallucination latents; difference-of-means direction
     heads.py     contrastive head influence (truthfulness vs refusal)
     guard.py     the projection: U, P = I - U U^T, LoRA and full fine-tuning (Adam-safe)
+    residual.py  residual-stream coverage: refusal directions at every trained layer, every reader and writer
+    coverage.py  which trained modules the guard protects, and each guarded update's measured residual
     safelora.py  the Safe LoRA baseline
     train.py     the pipeline, its config, the run loader and the `tactful sae` entry points
 """

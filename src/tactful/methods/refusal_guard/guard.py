@@ -38,6 +38,10 @@ clipping norm see only allowed directions) *and* project the parameters back ont
 constraint set after every optimizer step: W <- W - (W U - W_0 U) U^T. Only W_0 U is stored
 ([out, k]), not W_0.
 
+The same machinery guards the residual stream at every trained layer (`residual=`, see
+residual.py: readers on their input side, writers on their output side); coverage.py reports
+which trained modules are guarded.
+
 Both are idempotent, so applying them after every step (a Trainer callback), at the start of
 training and after resuming is safe. With sharded parameters (FSDP, ZeRO-3) the callback
 would see shards: use DDP or LoRA there.
@@ -54,6 +58,8 @@ from tactful.errors import UserError
 from tactful.methods.refusal_guard.capture import HeadLayout, attention_sites, head_layout, projection_in_features
 
 SIDES = ("o_proj", "v_proj")
+# The LoRA role of each side's module (guard.train_only_guarded trains only these).
+SIDE_ROLES = {"o_proj": "attn_out", "v_proj": "attn_v"}
 VALUE_MODES = ("per_head", "shared")
 
 
@@ -163,6 +169,9 @@ class Constraint:
     basis: torch.Tensor  # orthonormal columns
     dim: int  # 1: the basis acts on the parameter's input side (columns); 0: on its rows
     target: torch.Tensor | None  # None means 0 (LoRA factors)
+    module: str = ""  # the module the parameter belongs to (for the coverage report)
+    side: str = ""  # "in" / "out": the module's input or output space (dim is swapped for Conv1D)
+    space: str = "attention"  # "attention" (the SAE's z space) or "residual" (residual.py)
 
     def _basis_on(self, device: torch.device) -> torch.Tensor:
         if self.basis.device != device or self.basis.dtype != torch.float32:
@@ -223,7 +232,10 @@ class SubspaceGuard:
     """Holds the constraints for a model being fine-tuned; `project_()` restores them all."""
 
     def __init__(self, model: Any, subspaces: Mapping[int, Subspace], *, sides: Sequence[str] = SIDES,
-                 adapter_name: str = "default", project_gradients: bool = True, value_mode: str = "per_head"):
+                 adapter_name: str = "default", project_gradients: bool = True, value_mode: str = "per_head",
+                 residual: Mapping[int, torch.Tensor] | None = None):
+        """`residual`: {layer: U_l [d_model, k]} to also guard every trained reader and writer of
+        the residual stream at those layers (residual.py); None keeps the attention-side guard only."""
         unknown = [s for s in sides if s not in SIDES]
         if unknown:
             raise UserError(f"unknown guard side(s) {', '.join(unknown)}; choose from {', '.join(SIDES)}")
@@ -240,7 +252,7 @@ class SubspaceGuard:
                 raise UserError(f"layer {site.layer}: protected subspace has dimension {sub.U.shape[0]} but the "
                                 f"o_proj input has {d_in} features (SAE from another model?)")
             if "o_proj" in sides:
-                self._add(site.out_name, site.out_proj, sub.U, side="in", adapter=adapter_name)
+                self.add(site.out_name, site.out_proj, sub.U, side="in", adapter=adapter_name)
             if "v_proj" in sides:
                 if site.value_proj is None:
                     self.notes.append(f"layer {site.layer}: no separate value projection (fused qkv); "
@@ -255,21 +267,28 @@ class SubspaceGuard:
                 if full:
                     self.notes.append(f"layer {site.layer}: v_proj frozen for KV head(s) {full} (the per-head "
                                       "constraints span all of head_dim)")
-                self._add(site.value_name, site.value_proj, Uv, side="out", adapter=adapter_name)
+                self.add(site.value_name, site.value_proj, Uv, side="out", adapter=adapter_name)
+        if residual:
+            from tactful.methods.refusal_guard.residual import add_residual_constraints
+
+            add_residual_constraints(self, model, residual, adapter_name=adapter_name)
         if project_gradients:
             for c in self.constraints:
                 if c.param.requires_grad:
                     self._handles.append(c.param.register_hook(c.project_grad))
 
-    def _add(self, name: str, mod: Any, basis: torch.Tensor, *, side: str, adapter: str) -> None:
-        """side 'in': the basis lives in the module's input space; 'out': in its output space."""
+    def add(self, name: str, mod: Any, basis: torch.Tensor, *, side: str, adapter: str,
+            space: str = "attention") -> None:
+        """Guard module `name`. side 'in': the basis lives in the module's input space (the update
+        must not read it); 'out': in its output space (the update must not write into it)."""
+        tags = dict(module=name, side=side, space=space)
         parts = _lora_parts(mod, adapter)
         if parts is not None:
             lora_a, lora_b = parts  # A [r, in], B [out, r] (also for Conv1D bases)
             if side == "in":
-                self.constraints.append(Constraint(f"{name}.lora_A", lora_a, basis, dim=1, target=None))
+                self.constraints.append(Constraint(f"{name}.lora_A", lora_a, basis, dim=1, target=None, **tags))
             else:
-                self.constraints.append(Constraint(f"{name}.lora_B", lora_b, basis, dim=0, target=None))
+                self.constraints.append(Constraint(f"{name}.lora_B", lora_b, basis, dim=0, target=None, **tags))
             return
         base = getattr(mod, "base_layer", mod)
         w = base.weight
@@ -281,12 +300,14 @@ class SubspaceGuard:
         # Linear weight is [out, in]: the input side is dim 1. Conv1D is [in, out]: swapped.
         dim = (1 if side == "in" else 0) if not conv else (0 if side == "in" else 1)
         target = (w.detach().float() @ basis) if dim == 1 else (basis.T @ w.detach().float())
-        self.constraints.append(Constraint(f"{name}.weight", w, basis, dim=dim, target=target.clone()))
+        self.constraints.append(Constraint(f"{name}.weight", w, basis, dim=dim, target=target.clone(), **tags))
         bias = getattr(base, "bias", None)
         if side == "out" and bias is not None and bias.requires_grad:
-            # the value bias is added to every v_t, so it writes into z like the weight does
+            # a writer's bias is added at every position (the value bias to every v_t), so it
+            # writes into the protected space like the weight does
             b_target = basis.T @ bias.detach().float()[:, None]
-            self.constraints.append(_BiasConstraint(f"{name}.bias", bias, basis, dim=0, target=b_target.clone()))
+            self.constraints.append(_BiasConstraint(f"{name}.bias", bias, basis, dim=0, target=b_target.clone(),
+                                                    **tags))
 
     # ------------------------------------------------------------ use
     @torch.no_grad()
@@ -306,8 +327,23 @@ class SubspaceGuard:
         self._handles.clear()
 
     def describe(self) -> str:
+        """One line per parameter pattern over layers (a residual guard holds hundreds of parameters)."""
+        import re
+
+        from tactful.methods.refusal_guard.coverage import layer_ranges
+
+        groups: dict[tuple[str, str, str], list[tuple[str, int]]] = {}
+        for c in self.constraints:
+            m = re.search(r"\.(\d+)\.", c.name)
+            pattern = c.name[:m.start()] + ".*." + c.name[m.end():] if m else c.name
+            groups.setdefault((pattern, c.space, c.side), []).append((m.group(1) if m else "", c.basis.shape[1]))
         lines = [f"guarding {len(self.constraints)} parameter(s)"]
-        lines += [f"  {c.name}: rank {c.basis.shape[1]}" for c in self.constraints]
+        for (pattern, space, side), members in groups.items():
+            layers = sorted(int(layer) for layer, _ in members if layer)
+            ranks = sorted({r for _, r in members})
+            rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+            lines.append(f"  {pattern}: {space} subspace, {side}put side, rank {rank}"
+                         + (f", {layer_ranges(layers)}" if layers else ""))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -11,6 +11,14 @@ Baselines on the same pipeline: `guard.kind: direction` (rank-1 difference-of-me
 direction, Arditi et al.), `none` (plain LoRA), `safelora` (Safe LoRA's post-hoc projection;
 needs `start_from`, an aligned run, because it compares aligned and unaligned weights).
 
+What the guard covers of what is trained (`guard.coverage`, `guard.train_only_guarded`,
+`guard.strict`): `attention` (default) guards o_proj/v_proj at the SAE layers only; `residual`
+adds the refusal directions in the residual stream at every trained layer, for every module
+that reads or writes it (residual.py). `train_only_guarded` trains only what the guard protects
+(LoRA: target modules and `layers_to_transform`; full fine-tuning: freezes the rest), `strict`
+refuses to train anything unguarded. The manifest and guard/coverage.json list the trained
+modules, guarded or not, with each guarded update's measured orthogonality residual.
+
 `start_from` names a tactful run (e.g. a safety-SFT run): its model is loaded with its
 adapter merged, and everything above happens on that aligned model.
 """
@@ -19,7 +27,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -54,8 +62,10 @@ from tactful.methods.refusal_guard.capture import (
     stream_activations,
     write_activation_shards,
 )
+from tactful.methods.refusal_guard.coverage import coverage_report, require_full_coverage
 from tactful.methods.refusal_guard.features import FeatureSelection, refusal_directions, select_features
 from tactful.methods.refusal_guard.guard import (
+    SIDE_ROLES,
     SIDES,
     VALUE_MODES,
     Subspace,
@@ -63,6 +73,12 @@ from tactful.methods.refusal_guard.guard import (
     guard_callback,
     save_subspaces,
     subspaces_from_saes,
+)
+from tactful.methods.refusal_guard.residual import (
+    require_supported,
+    residual_bases,
+    residual_refusal_directions,
+    save_residual_bases,
 )
 from tactful.methods.refusal_guard.safelora import SafeLoraSettings, apply_safe_lora
 from tactful.methods.refusal_guard.sae import (
@@ -77,6 +93,7 @@ from tactful.progress import rich_training_progress
 from tactful.runs import RUN_LOADERS, RunDir, read_manifest
 
 GUARDS = ("sae", "direction", "none", "safelora")
+COVERAGES = ("attention", "residual")
 DEFAULT_SAE_SOURCES = ["builtin-benign", "builtin-refusals", "builtin-harmful", "builtin-seemingly-toxic-answers",
                        "builtin-informative", "builtin-truthfulness"]
 
@@ -130,6 +147,16 @@ class GuardSettings:
         "v_proj constraint under grouped KV heads: per_head (exact; may freeze v_proj when many latents are kept) "
         "or shared (orthogonal to the group's summed U slices; exact only if the group's heads attend alike).")})
     direction_positions: str = field(default="last", metadata={"choices": POSITIONS})
+    coverage: str = field(default="attention", metadata={"choices": COVERAGES, "help": (
+        "attention: guard `sides` at the SAE layers only (the paper's space). residual: also keep the "
+        "difference-of-means refusal directions in the residual stream at every trained layer out of every "
+        "trained reader (q/k/v/gate/up, input side through the norm gain) and writer (o_proj, down_proj, output "
+        "side). Llama-style models only.")})
+    train_only_guarded: bool = field(default=False, metadata={"help": (
+        "Train only what the guard protects: LoRA targets and layers cut to the guarded modules and layers "
+        "(peft layers_to_transform); full fine-tuning freezes every unguarded parameter.")})
+    strict: bool = field(default=False, metadata={"help": (
+        "Refuse to start when the fine-tuning trains a module the guard does not protect.")})
     safelora: SafeLoraSettings = field(default_factory=SafeLoraSettings)
 
 
@@ -449,12 +476,87 @@ def build_subspaces(config: RefusalGuardConfig, start: StartModel, run: RunDir, 
     return subspaces, info
 
 
+def check_guard_settings(config: RefusalGuardConfig) -> None:
+    """The guard.* combinations that cannot work, each as one UserError before anything loads."""
+    g = config.guard
+    if g.kind not in GUARDS:
+        raise UserError(f"guard.kind must be one of {', '.join(GUARDS)}, got {g.kind!r}")
+    if g.coverage not in COVERAGES:
+        raise UserError(f"guard.coverage must be one of {', '.join(COVERAGES)}, got {g.coverage!r}")
+    unknown = [s for s in g.sides if s not in SIDES]
+    if unknown:
+        raise UserError(f"guard.sides: unknown side(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SIDES)}")
+    if g.kind in ("none", "safelora"):
+        asked = [name for name, on in (("coverage=residual", g.coverage == "residual"),
+                                       ("train_only_guarded=true", g.train_only_guarded),
+                                       ("strict=true", g.strict)) if on]
+        if asked:
+            raise UserError(f"guard.{asked[0]} needs a projection guard (guard.kind sae or direction); "
+                            f"guard.kind={g.kind} constrains no module during training")
+    if g.train_only_guarded and g.coverage == "attention" and not g.sides:
+        raise UserError("guard.train_only_guarded=true with guard.sides=[] would train nothing; "
+                        "name the guarded sides (o_proj, v_proj)")
+
+
+def trained_layers(config: RefusalGuardConfig, n_layers: int) -> list[int]:
+    """The decoder layers the fine-tuning adapts: lora.layers, or all of them."""
+    if config.lora.enabled and config.lora.layers is not None:
+        return sorted({layer % n_layers for layer in config.lora.layers})
+    return list(range(n_layers))
+
+
+def build_residual(config: RefusalGuardConfig, start: StartModel, *,
+                   log: Callable[[str], None] = print) -> dict[int, torch.Tensor]:
+    """guard.coverage=residual: U_l per trained layer from the refusal directions at its residual
+    input and output (residual.py); {} for attention coverage."""
+    if config.guard.coverage != "residual":
+        return {}
+    require_supported(start.model)
+    n_layers = len(decoder_layer_list(start.model)[1])
+    layers = trained_layers(config, n_layers)
+    f = config.features
+    dirs = residual_refusal_directions(start.model, start.tokenizer, layers, harmful=_prompts(f.harmful, f.split),
+                                       harmless=_prompts(f.harmless, f.split), n_prompts=f.n_prompts,
+                                       seed=config.seed, positions=config.guard.direction_positions,
+                                       system=config.system, max_length=config.sae.max_length)
+    log(f"residual refusal directions (difference of means) at the input and output of {len(layers)} layer(s)")
+    return residual_bases(dirs, layers)
+
+
+def guarded_lora_settings(config: RefusalGuardConfig, model: Any, guarded_layers: list[int]) -> LoraSettings:
+    """guard.train_only_guarded with LoRA: targets and layers_to_transform cut to what the guard protects."""
+    lora = config.lora
+    if config.guard.coverage == "residual":
+        return lora  # every reader and writer of every trained layer is guarded already
+    roles = [SIDE_ROLES[s] for s in config.guard.sides]
+    if architectures.is_fused(model, "attn_v"):
+        roles = [r for r in roles if r != "attn_v"]  # a fused qkv has no value-side guard (attention_sites)
+    guarded = architectures.lora_target_modules(model, roles)
+    targets = [t for t in architectures.lora_target_modules(model, list(lora.target_modules)) if t in guarded]
+    layers = sorted(set(guarded_layers) & (set(lora.layers) if lora.layers is not None else set(guarded_layers)))
+    if not targets or not layers:
+        raise UserError(f"guard.train_only_guarded=true leaves nothing to train: the guard protects "
+                        f"{', '.join(guarded) or 'no module'} at layer(s) {guarded_layers}, the LoRA targets "
+                        f"{', '.join(lora.target_modules)} at layer(s) {lora.layers or 'all'}")
+    return replace(lora, target_modules=targets, layers=layers)
+
+
+def freeze_unguarded(model: Any, guard: SubspaceGuard) -> list[str]:
+    """guard.train_only_guarded with full fine-tuning: stop training every parameter no constraint holds."""
+    held = {id(c.param) for c in guard.constraints}
+    frozen = []
+    for name, p in architectures.unwrap(model).named_parameters():
+        if p.requires_grad and id(p) not in held:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None] = print) -> tuple[Any, RunDir]:
     """The whole pipeline; returns (fine-tuned model, run dir)."""
     from transformers import Trainer
 
-    if config.guard.kind not in GUARDS:
-        raise UserError(f"guard.kind must be one of {', '.join(GUARDS)}, got {config.guard.kind!r}")
+    check_guard_settings(config)
     if config.guard.kind == "safelora" and not config.start_from:
         raise UserError("guard.kind=safelora compares an aligned and an unaligned model: set start_from to an aligned "
                         "run (e.g. a safety-SFT run); its base model is the unaligned one")
@@ -470,6 +572,12 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
                                   what="building the protected subspace")
     if subspaces and is_main_process():
         save_subspaces(subspaces, run.path / "guard" / "subspace.safetensors")
+    residual = run_on_main(lambda: build_residual(config, start, log=log),
+                           what="computing the residual refusal directions")
+    if residual:
+        info["residual_rank"] = {str(layer): int(U.shape[1]) for layer, U in residual.items()}
+        if is_main_process():
+            save_residual_bases(residual, run.path / "guard" / "residual.safetensors")
     if config.heads.enabled:
         run_on_main(lambda: _score_heads(config, start, run, log), what="scoring attention heads", share=False)
     alignment = (_alignment_matrices(start, config.lora, log, guard_dtype(config)) if config.guard.kind == "safelora"
@@ -478,10 +586,22 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
     set_seed(config.seed)
     examples = load_finetune_examples(config.data, config.seed)
     model, tok = start.model, start.tokenizer
-    model = prepare_trainable(model, config.lora)
-    guard = SubspaceGuard(model, subspaces, sides=config.guard.sides) if subspaces else None
+    lora_settings = config.lora
+    if config.guard.train_only_guarded and config.lora.enabled:
+        lora_settings = guarded_lora_settings(config, model, sorted(subspaces))
+        log(f"training only the guarded modules: LoRA on {', '.join(lora_settings.target_modules)} at layer(s) "
+            f"{lora_settings.layers if lora_settings.layers is not None else 'all'}")
+        info["lora_trained"] = {"target_modules": list(lora_settings.target_modules), "layers": lora_settings.layers}
+    model = prepare_trainable(model, lora_settings)
+    guard = (SubspaceGuard(model, subspaces, sides=config.guard.sides, residual=residual)
+             if subspaces or residual else None)
     if guard is not None:
+        if config.guard.train_only_guarded and not config.lora.enabled:
+            frozen = freeze_unguarded(model, guard)
+            log(f"training only the guarded parameters: froze {len(frozen)} unguarded parameter(s)")
         log(guard.describe())
+        if config.guard.strict:
+            require_full_coverage(coverage_report(model, guard, measure=False))
     dataset = EncodedDataset(tok, examples, max_length=config.training.max_length, system=config.system)
     ckpt_dir = run.path / "checkpoints"
     args = training_arguments(config.training, ckpt_dir, seed=config.seed)
@@ -500,8 +620,14 @@ def train_refusal_guard(config: RefusalGuardConfig, *, log: Callable[[str], None
         extra["guard_residual"] = guard.max_residual()
         extra["guarded_parameters"] = [c.name for c in guard.constraints]
         extra["guard_notes"] = guard.notes
+        report = coverage_report(model, guard)
+        run.write_json("guard/coverage.json", report)
+        # the manifest keeps the per-pattern summary; guard/coverage.json has every module's residual
+        extra["guard_coverage"] = {k: v for k, v in report.items() if k != "update_residuals"}
         guard.remove()
-        log(f"guard residual (max |dW U|): {extra['guard_residual']:.2e}")
+        log(f"guard residual (max |dW U|): {extra['guard_residual']:.2e}; update residual over "
+            f"{len(report['update_residuals'])} guarded unit(s): {report['max_update_residual']:.2e}; "
+            f"unguarded trained: {', '.join(report['unguarded']) or 'none'}")
     if alignment is not None:
         report = apply_safe_lora(model, alignment, config.guard.safelora)
         run.write_json("safelora.json", report)
