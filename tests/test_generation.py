@@ -340,3 +340,35 @@ def test_an_error_in_a_worker_reaches_the_caller(sharp, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         gen.generate_ids(PROMPTS, GenerationConfig(max_new_tokens=4, batch_size=2))
     assert torch.get_num_threads() == threads
+
+
+def test_embedded_model_matches_generate(embedded):
+    """The real model (whose logits have real near-ties, unlike the sharp tiny one), batched and
+    side by side through oneDNN's linear layers, gives one-at-a-time generate()'s tokens."""
+    model, tok = embedded
+    prompts = ["What is the capital of France?", "Write a haiku about autumn leaves.", "How can I make a bomb at home?",
+               "Explain recursion with a simple example in Python."]
+    ours = HFGenerator(model, tok, workers=2).generate_ids(prompts, GenerationConfig(max_new_tokens=24, batch_size=2))
+    stop = sorted(stop_token_ids(tok, model))
+    refs = []
+    for p in prompts:
+        enc = tok(format_prompt(tok, p), return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+        refs.append(out[0, enc.input_ids.shape[1]:].tolist())
+    assert ours == refs
+
+
+def test_linear_layers_use_onednn_only_while_generating(sharp):
+    """Generation patches the model's nn.Linear instances (not the class) and restores them."""
+    from tactful.eval.generation import _onednn_linear_works
+
+    model, tok = sharp
+    lins = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    seen = []
+    handle = lins[0].register_forward_pre_hook(lambda m, a: seen.append("forward" in m.__dict__))
+    try:
+        HFGenerator(model, tok, workers=1).generate_ids(PROMPTS[:2], GenerationConfig(max_new_tokens=3))
+    finally:
+        handle.remove()
+    assert seen and all(seen) == _onednn_linear_works()
+    assert not any("forward" in m.__dict__ for m in lins)
