@@ -372,3 +372,25 @@ def test_linear_layers_use_onednn_only_while_generating(sharp):
         handle.remove()
     assert seen and all(seen) == _onednn_linear_works()
     assert not any("forward" in m.__dict__ for m in lins)
+
+
+def test_reserved_kv_cache_grows_and_drops_rows_like_generate(sharp, monkeypatch):
+    """The decode loop's preallocated KV cache, refilled several times (a reserve of 3 tokens)
+    and shrunk as rows stop, gives generate()'s tokens."""
+    import tactful.eval.generation as generation
+
+    monkeypatch.setattr(generation, "_KV_RESERVE", 3)
+    model, tok = sharp
+    kinds = set()
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: kinds.update(type(layer).__name__ for layer in getattr(kw.get("cache") or kw.get(
+            "past_key_values"), "layers", [])), with_kwargs=True)
+    try:
+        with ForceEOS(model):
+            ours = HFGenerator(model, tok).generate_ids(PROMPTS, GenerationConfig(max_new_tokens=16, batch_size=8))
+            refs = [reference(model, tok, p, 16) for p in PROMPTS]
+    finally:
+        handle.remove()
+    assert "ReservedLayer" in kinds
+    assert ours == refs
+    assert len({len(ids) for ids in ours}) > 1  # rows did stop at different steps

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from functools import lru_cache
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,6 +295,7 @@ class HFGenerator:
                 **with_cache(self.model, cache),
             )
             cache = returned_cache(res)
+            _preallocate(cache)
             for step in range(config.max_new_tokens):
                 tok = _next_tokens(res.logits[:, -1, :], config, gens)
                 done = torch.isin(tok, stop)
@@ -403,6 +405,72 @@ def _onednn_linear_works() -> bool:
         except (AttributeError, NotImplementedError, RuntimeError):  # no mkldnn ops in this build / op rejects the input
             _ONEDNN_LINEAR = False
     return _ONEDNN_LINEAR
+
+
+# Room for this many more tokens is reserved in a preallocated KV cache each time it fills.
+_KV_RESERVE = 64
+
+
+def _preallocate(cache: Any) -> None:
+    """Switch a DynamicCache's layers to buffers with room to grow (the ReservedLayer below).
+    Any other kind of cache (sliding windows, quantized, a custom class) is left as it is."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+        reserved = _reserved_layer_class()
+        cache.layers = [reserved(layer) for layer in layers]
+
+
+@lru_cache(maxsize=None)  # built on first use: tactful imports transformers lazily
+def _reserved_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values are views of buffers with room for _KV_RESERVE
+        more tokens. DynamicLayer concatenates every step: each step copies the whole cache into
+        freshly allocated memory, and on CPU the page faults of those large allocations cost
+        more than the copy (profiled: 30-65 % of a decode step once the linears run on oneDNN,
+        at batch 32-64 and ~90 tokens of context). Attention sees exactly the filled part."""
+
+        def __init__(self, layer: DynamicLayer):
+            super().__init__()
+            self.device, self.is_initialized = layer.device, True
+            self._kbuf, self._vbuf = self._with_room(layer.keys), self._with_room(layer.values)
+            self._expose(layer.keys.shape[-2])
+
+        @staticmethod
+        def _with_room(x: Any) -> Any:
+            b, h, n, d = x.shape
+            buf = x.new_empty((b, h, n + _KV_RESERVE, d))
+            buf[:, :, :n] = x
+            return buf
+
+        def _expose(self, n: int) -> None:
+            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            start = self.keys.shape[-2]  # not a counter of our own: crop() shortens the views
+            end = start + key_states.shape[-2]
+            # Also rebuilt when DynamicLayer code elsewhere (reorder_cache, ...) replaced the views.
+            if end > self._kbuf.shape[-2] or self.keys.data_ptr() != self._kbuf.data_ptr():
+                self._kbuf, self._vbuf = self._with_room(self.keys), self._with_room(self.values)
+            self._kbuf[:, :, start:end] = key_states
+            self._vbuf[:, :, start:end] = value_states
+            self._expose(end)
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            n = self.keys.shape[-2]
+            self._kbuf, self._vbuf = self._kbuf.repeat_interleave(repeats, 0), self._vbuf.repeat_interleave(repeats, 0)
+            self._expose(n)
+
+        def batch_select_indices(self, indices: Any) -> None:
+            n = self.keys.shape[-2]
+            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
+            self._expose(n)
+
+    return ReservedLayer
 
 
 # Below this many shared tokens the extra batch-1 forward costs more than it saves.
