@@ -394,3 +394,13 @@ def test_reserved_kv_cache_grows_and_drops_rows_like_generate(sharp, monkeypatch
     assert "ReservedLayer" in kinds
     assert ours == refs
     assert len({len(ids) for ids in ours}) > 1  # rows did stop at different steps
+
+
+def test_batch_width_gives_every_worker_even_batches():
+    from tactful.eval.generation import _batch_width
+
+    assert _batch_width(144, 64, 1) == 64
+    assert _batch_width(64, 64, 2) == 32  # one batch would leave a worker idle
+    assert _batch_width(128, 64, 2) == 64
+    assert _batch_width(144, 64, 2) == 36  # 4 x 36, not 64 + 64 + a lone 16
+    assert _batch_width(6, 2, 2) == 2 and _batch_width(1, 16, 2) == 1
