@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
-from functools import lru_cache
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
