@@ -353,7 +353,8 @@ def test_embedded_model_matches_generate(embedded):
     refs = []
     for p in prompts:
         enc = tok(format_prompt(tok, p), return_tensors="pt", add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop, pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id)
         refs.append(out[0, enc.input_ids.shape[1]:].tolist())
     assert ours == refs
 

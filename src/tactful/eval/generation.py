@@ -414,7 +414,7 @@ def _onednn_linear_works() -> bool:
             got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
             _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and torch.allclose(
                 got, torch.nn.functional.linear(x, w, b), atol=1e-4)
-        except (AttributeError, NotImplementedError, RuntimeError):  # no mkldnn ops in this build / op rejects the input
+        except (AttributeError, NotImplementedError, RuntimeError):  # no oneDNN in this build, or it rejects the input
             _ONEDNN_LINEAR = False
     return _ONEDNN_LINEAR
 
