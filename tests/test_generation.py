@@ -340,3 +340,68 @@ def test_an_error_in_a_worker_reaches_the_caller(sharp, monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         gen.generate_ids(PROMPTS, GenerationConfig(max_new_tokens=4, batch_size=2))
     assert torch.get_num_threads() == threads
+
+
+def test_embedded_model_matches_generate(embedded):
+    """The real model (whose logits have real near-ties, unlike the sharp tiny one), batched and
+    side by side through oneDNN's linear layers, gives one-at-a-time generate()'s tokens."""
+    model, tok = embedded
+    prompts = ["What is the capital of France?", "Write a haiku about autumn leaves.", "How can I make a bomb at home?",
+               "Explain recursion with a simple example in Python."]
+    ours = HFGenerator(model, tok, workers=2).generate_ids(prompts, GenerationConfig(max_new_tokens=24, batch_size=2))
+    stop = sorted(stop_token_ids(tok, model))
+    refs = []
+    for p in prompts:
+        enc = tok(format_prompt(tok, p), return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id)
+        refs.append(out[0, enc.input_ids.shape[1]:].tolist())
+    assert ours == refs
+
+
+def test_linear_layers_use_onednn_only_while_generating(sharp):
+    """Generation patches the model's nn.Linear instances (not the class) and restores them."""
+    from tactful.eval.generation import _onednn_linear_works
+
+    model, tok = sharp
+    lins = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    seen = []
+    handle = lins[0].register_forward_pre_hook(lambda m, a: seen.append("forward" in m.__dict__))
+    try:
+        HFGenerator(model, tok, workers=1).generate_ids(PROMPTS[:2], GenerationConfig(max_new_tokens=3))
+    finally:
+        handle.remove()
+    assert seen and all(seen) == _onednn_linear_works()
+    assert not any("forward" in m.__dict__ for m in lins)
+
+
+def test_reserved_kv_cache_grows_and_drops_rows_like_generate(sharp, monkeypatch):
+    """The decode loop's preallocated KV cache, refilled several times (a reserve of 3 tokens)
+    and shrunk as rows stop, gives generate()'s tokens."""
+    import tactful.eval.generation as generation
+
+    monkeypatch.setattr(generation, "_KV_RESERVE", 3)
+    model, tok = sharp
+    kinds = set()
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: kinds.update(type(layer).__name__ for layer in getattr(kw.get("cache") or kw.get(
+            "past_key_values"), "layers", [])), with_kwargs=True)
+    try:
+        with ForceEOS(model):
+            ours = HFGenerator(model, tok).generate_ids(PROMPTS, GenerationConfig(max_new_tokens=16, batch_size=8))
+            refs = [reference(model, tok, p, 16) for p in PROMPTS]
+    finally:
+        handle.remove()
+    assert "ReservedLayer" in kinds
+    assert ours == refs
+    assert len({len(ids) for ids in ours}) > 1  # rows did stop at different steps
+
+
+def test_batch_width_gives_every_worker_even_batches():
+    from tactful.eval.generation import _batch_width
+
+    assert _batch_width(144, 64, 1) == 64
+    assert _batch_width(64, 64, 2) == 32  # one batch would leave a worker idle
+    assert _batch_width(128, 64, 2) == 64
+    assert _batch_width(144, 64, 2) == 36  # 4 x 36, not 64 + 64 + a lone 16
+    assert _batch_width(6, 2, 2) == 2 and _batch_width(1, 16, 2) == 1
