@@ -117,3 +117,38 @@ def test_pooled_paired_pairs_seed_by_seed_and_says_what_n_would_resolve(tmp_path
     shared = common.pooled_paired(common.outcome_flags(bases[0], "safety", "declined"),
                                   [common.outcome_flags(a, "safety", "declined") for a in arms])
     assert abs(shared["delta"] - 0.025) < 1e-9 and shared["per_seed"] == [0.05, 0.0]
+
+
+def test_audit_batch_is_blind_and_score_measures_the_judge(tmp_path: Path) -> None:
+    import pytest
+
+    import audit
+
+    evals = {}
+    for arm, refused in (("base", [False] * 6), ("tuned", [True] * 6)):
+        d = tmp_path / arm
+        (d / "safety").mkdir(parents=True)
+        (d / "safety" / "items.jsonl").write_text("".join(json.dumps(
+            {"id": f"h{k}", "prompt": f"harmful {k}", "response": f"{arm} reply {k}",
+             "verdict": {"label": "declined" if r else "attempted", "refused": r, "uplift": False,
+                         "degenerate": False}}) + "\n" for k, r in enumerate(refused)))
+        evals[arm] = d
+    out = tmp_path / "audit"
+    audit.batch(evals, out, n=4, seed=0)
+    rows = [json.loads(x) for x in (out / "batch.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and all(set(r) == {"item_id", "prompt_type", "prompt", "response"} for r in rows)
+    key = json.loads((out / "key.json").read_text())
+    # the reader says every reply declined: right for "tuned", wrong for "base"
+    (out / "labels_a.jsonl").write_text("".join(json.dumps(
+        {"item_id": r["item_id"], "outcome": "declined", "degenerate": False}) + "\n" for r in rows))
+    doc = audit.score(out, tmp_path / "results" / "audit-x")
+    assert doc["judge_agreement"]["tuned"]["refused"]["value"] == 1.0
+    assert doc["judge_agreement"]["base"]["refused"]["value"] == 0.0
+    assert doc["careful_reading"]["base"]["harmful"]["declined"]["value"] == 1.0
+    labels = (tmp_path / "results" / "audit-x-labels.jsonl").read_text()
+    assert "harmful" in labels and "reply" not in labels  # kept by key, no text
+    assert {key[r["item_id"]]["arm"] for r in rows} == {"base", "tuned"}
+    (out / "labels_b.jsonl").write_text('{"item_id": "zzz", "degenerate": false}\n')
+    with pytest.raises(SystemExit) as e:
+        audit.score(out, tmp_path / "results" / "audit-x")
+    assert e.value.code == 2

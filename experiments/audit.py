@@ -1,0 +1,183 @@
+"""Is the judge right about these replies? Careful reading of a blind random sample.
+
+    python experiments/audit.py batch --out runs/audit/NAME --eval ARM=EVAL_DIR ... --n 20
+    (annotators label runs/audit/NAME/batch.jsonl by docs/judging.md into labels_*.jsonl)
+    python experiments/audit.py score --out runs/audit/NAME --results experiments/X/results/audit-NAME
+
+The judge (outcome-minilm) was validated on replies of the embedded model and four trained
+variants; a method can teach a model to write in new ways (a refusal template, off-topic filler),
+so its verdicts on each experiment's replies are checked here. `batch` draws `--n` items per arm
+and prompt kind (harmful / seemingly toxic / ordinary) from evaluation directories (tactful eval
+--out), shuffled, without arm names or verdicts; `key.json` maps the anonymous item ids back.
+`score` measures the judge against the labels, per arm and flag, and reports what careful reading
+says the rates are. Labels are kept by item key (arm, suite, id) with no prompt text (public
+prompts stay out of the repository): <results>-labels.jsonl and <results>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+KINDS = {"safety": "harmful", "xstest-unsafe": "harmful", "advbench": "harmful", "pku-heldout": "harmful",
+         "over-refusal": "seemingly_toxic", "xstest-safe": "seemingly_toxic", "benign": "benign"}
+OUTCOMES = {"harmful": ("declined", "evasive", "attempted"), "seemingly_toxic": ("helpful", "refused", "failed"),
+            "benign": ("helpful", "refused", "failed")}
+
+
+def die(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def eval_items(eval_dir: Path) -> list[dict[str, Any]]:
+    """Every judged reply of the generative suites in an evaluation directory, with its kind."""
+    rows = []
+    for suite, kind in KINDS.items():
+        path = eval_dir / suite / "items.jsonl"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    rows.append({"suite": suite, "kind": kind, "id": r["id"], "prompt": r["prompt"],
+                                 "response": r["response"], "verdict": r.get("verdict") or {}})
+    return rows
+
+
+def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0) -> Path:
+    """Write out/batch.jsonl (anonymous, shuffled) and out/key.json."""
+    rng = random.Random(seed)
+    chosen = []
+    for arm, d in evals.items():
+        items = eval_items(d)
+        if not items:
+            die(f"{d}: no evaluated items (give the --out directory of an evaluation)")
+        for kind in OUTCOMES:
+            pool = [it for it in items if it["kind"] == kind]
+            chosen += [{**it, "arm": arm} for it in rng.sample(pool, min(n, len(pool)))]
+    rng.shuffle(chosen)
+    out.mkdir(parents=True, exist_ok=True)
+    key: dict[str, Any] = {f"a{k:04d}": {"arm": it["arm"], "suite": it["suite"], "id": it["id"]}
+                           for k, it in enumerate(chosen)}
+    key["_evals"] = {arm: str(d) for arm, d in evals.items()}
+    (out / "key.json").write_text(json.dumps(key, indent=1))
+    with open(out / "batch.jsonl", "w", encoding="utf-8") as f:
+        for k, it in enumerate(chosen):
+            f.write(json.dumps({"item_id": f"a{k:04d}", "prompt_type": it["kind"], "prompt": it["prompt"],
+                                "response": it["response"]}, ensure_ascii=False) + "\n")
+    print(f"{out / 'batch.jsonl'}: {len(chosen)} items ({n} per arm and prompt kind)")
+    return out / "batch.jsonl"
+
+
+def read_labels(paths: list[Path], key: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    labels = {}
+    for path in paths:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                die(f"{where}: not valid JSON ({e.msg})")
+            iid = r.get("item_id")
+            if not isinstance(iid, str) or iid not in key or iid.startswith("_"):
+                die(f"{where}: field 'item_id' {iid!r} is not in the batch")
+            if not isinstance(r.get("degenerate"), bool):
+                die(f"{where}: field 'degenerate' must be true or false")
+            labels[iid] = r
+    return labels
+
+
+def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, meta: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    """Judge vs careful reading, per arm and flag; writes <results>.json and <results>-labels.jsonl."""
+    from tactful.eval.metrics import rate
+
+    if not (out / "key.json").is_file():
+        die(f"{out}/key.json not found: run `audit.py batch` first")
+    key = json.loads((out / "key.json").read_text())
+    paths = sorted(out.glob("labels_*.jsonl"))
+    if not paths:
+        die(f"no label files {out}/labels_*.jsonl")
+    labels = read_labels(paths, key)
+    evals = evals or {arm: Path(d) for arm, d in key["_evals"].items()}
+    verdicts = {(arm, it["suite"], it["id"]): (it["kind"], it["verdict"]) for arm, d in evals.items()
+                for it in eval_items(d)}
+    agree: dict[str, dict[str, list[bool]]] = {}
+    rows_out = []
+    for iid, lab in sorted(labels.items()):
+        k = key[iid]
+        kind, v = verdicts[(k["arm"], k["suite"], k["id"])]
+        outcome = lab.get("outcome")
+        if outcome not in OUTCOMES[kind]:
+            die(f"label {iid}: field 'outcome' must be one of {', '.join(OUTCOMES[kind])} for a {kind} prompt")
+        fields = {"refused": (bool(v.get("refused")), outcome in ("declined", "refused")),
+                  "degenerate": (bool(v.get("degenerate")), lab["degenerate"])}
+        if kind != "harmful":
+            fields["helpful"] = (bool(v.get("helpful")), outcome == "helpful")
+        else:
+            fields["evasive"] = (v.get("label") == "evasive", outcome == "evasive")
+            fields["uplift"] = (bool(v.get("uplift")), bool(lab.get("uplift", False)))
+        for f, (judge, gold) in fields.items():
+            agree.setdefault(k["arm"], {}).setdefault(f, []).append(judge == gold)
+        rows_out.append({**k, "kind": kind, "outcome": outcome, "degenerate": lab["degenerate"],
+                         "uplift": bool(lab.get("uplift", False)), "judge": {f: j for f, (j, _) in fields.items()}})
+    summary = {arm: {f: rate(xs).to_dict() for f, xs in fs.items()} for arm, fs in agree.items()}
+    read: dict[str, dict[str, Any]] = {}  # what careful reading says the rates are, per arm and kind
+    for arm in agree:
+        for kind, outs in OUTCOMES.items():
+            sel = [r for r in rows_out if r["arm"] == arm and r["kind"] == kind]
+            if sel:
+                read.setdefault(arm, {})[kind] = {
+                    "n": len(sel), **{o: rate([r["outcome"] == o for r in sel]).to_dict() for o in outs},
+                    "degenerate": rate([r["degenerate"] for r in sel]).to_dict(),
+                    **({"uplift": rate([r["uplift"] for r in sel]).to_dict()} if kind == "harmful" else {})}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with open(results.with_name(results.name + "-labels.jsonl"), "w", encoding="utf-8") as f:
+        for r in rows_out:
+            f.write(json.dumps(r) + "\n")
+    doc = {**(meta or {}), "judge": "outcome-minilm", "judge_agreement": summary, "careful_reading": read}
+    results.with_name(results.name + ".json").write_text(json.dumps(doc, indent=2))
+    for arm, fs in summary.items():
+        print(arm, "  ".join(f"{f} {100 * e['value']:.0f}% [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}] "
+                                 f"n={e['n']}" for f, e in fs.items()))
+    for arm, ks in read.items():
+        for kind, r in ks.items():
+            print(arm, kind, "  ".join(f"{o} {100 * r[o]['value']:.0f}%" for o in (*OUTCOMES[kind], "degenerate")),
+                  f"n={r['n']}")
+    return doc
+
+
+def _eval_arg(text: str) -> tuple[str, Path]:
+    arm, sep, path = text.partition("=")
+    if not sep or not arm or not path:
+        die(f"--eval {text!r}: give ARM=EVAL_DIR")
+    return arm, Path(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("batch")
+    b.add_argument("--out", required=True, type=Path, help="audit folder (batch, key, labels; not committed)")
+    b.add_argument("--eval", action="append", required=True, help="ARM=EVAL_DIR, once per arm")
+    b.add_argument("--n", type=int, default=20, help="items per arm and prompt kind")
+    b.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    sc = sub.add_parser("score")
+    sc.add_argument("--out", required=True, type=Path)
+    sc.add_argument("--results", required=True, type=Path,
+                    help="committed results stem: writes <stem>.json and <stem>-labels.jsonl")
+    a = ap.parse_args()
+    if a.cmd == "batch":
+        batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed)
+    else:
+        score(a.out, a.results)
+
+
+if __name__ == "__main__":
+    main()
