@@ -677,7 +677,7 @@ def write_summary(results: Path, runs: Path, header: str, domains: Sequence[str]
                 + ", ".join(f"{d} {n}" for d, n in c["refusal_only"]["counts"].items()) + ".")
         if c.get("pku"):
             p = c["pku"]
-            text += (f" PKU corpus: " + ", ".join(f"{d} {n}" for d, n in p["counts"].items())
+            text += (" PKU corpus: " + ", ".join(f"{d} {n}" for d, n in p["counts"].items())
                      + f" unsafe responses ({p['distinct_prompts']} distinct PKU prompts, {p['overlap_removed']} found "
                      f"among the {p['evaluation_prompts_checked']} evaluation prompts and removed; domains by "
                      f"{p['assignment']}; {p['unassigned']} prompts unassigned).")
