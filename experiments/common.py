@@ -375,3 +375,57 @@ def comparison_markdown(c: dict[str, Any]) -> str:
         lines.append(f"| {label} | {100 * r['base']:.1f} | " + " / ".join(f"{100 * x:.1f}" for x in r["arm_per_seed"])
                      + f" | {fmt_pooled(r['paired'])} | {r['paired'].get('n_items', '—')} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- re-run helpers (SafeMoE, DCR)
+
+
+def seeds_present(runs: Path, arms: Sequence[str]) -> list[int]:
+    """Every seed with an evaluated run (runs/<arm>-seed<N>/eval/metrics.json) of any of `arms`:
+    seeds may run in separate processes, so the summary is built from what is on disk."""
+    found = set()
+    for arm in arms:
+        for d in runs.glob(f"{arm}-seed*"):
+            tail = d.name[len(arm) + len("-seed"):]
+            if tail.isdigit() and (d / "eval" / "metrics.json").is_file():
+                found.add(int(tail))
+    return sorted(found)
+
+
+def gold_accuracy(results: Path, suite: str = "safety") -> str:
+    """The outcome judge's accuracy on the gold test split, as the runner recorded it in the first
+    metrics.json of `results` that has it (every arm is judged by the same judge)."""
+    from tactful.eval.judges.validation import format_accuracy
+
+    for m in sorted(results.glob("*/metrics.json")):
+        acc = json.loads(m.read_text()).get("suites", {}).get(suite, {}).get("judge_accuracy")
+        if acc:
+            return format_accuracy(acc)
+    return "not recorded (see metrics.json)"
+
+
+def record_timing(path: Path, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Merge one arm's timing entry into timings.json and return the whole file: several
+    processes (one per seed) may write the same results folder, so read just before writing.
+    Keys of `entry` that are None are left as they were (e.g. no train_s for a reused run)."""
+    from tactful.io import atomic_write_json
+
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    old = timings.get(name) if isinstance(timings.get(name), dict) else {}
+    timings[name] = {**old, **{k: v for k, v in entry.items() if v is not None}}
+    atomic_write_json(path, timings)
+    return timings
+
+
+def shared_base_comparison(runs: Path, arm: str, base_eval: Path, seeds: Sequence[int], *, baseline: str = "base",
+                           rows: Sequence[tuple[str, str, str]] = OUTCOME_ROWS) -> dict[str, Any] | None:
+    """arm − one shared baseline run (an untrained model decoded greedily answers alike under every
+    seed, so it is evaluated once), pooled over the seeds where the arm was evaluated; the shape of
+    `seed_comparison`, for `comparison_markdown`."""
+    if not (base_eval / "metrics.json").is_file():
+        return None
+    both = [s for s in seeds if (runs / f"{arm}-seed{s}" / "eval" / "metrics.json").is_file()]
+    if not both:
+        return None
+    adirs = [runs / f"{arm}-seed{s}" / "eval" for s in both]
+    return {"arm": arm, "baseline": baseline, "seeds": list(both), "rows": outcome_rows(base_eval, adirs, rows)}

@@ -1,6 +1,7 @@
 """The non-trivial helpers of experiments/safemoe/run.py and experiments/refusal_guard/run.py:
-pooling per-category results into seen / unseen domains, sharing generations between suites,
-and measuring how much of a saved LoRA update lies in a protected subspace."""
+pooling per-category results into seen / unseen domains, and measuring how much of a saved LoRA
+update lies in a protected subspace. (SafeMoE's PKU corpus and informativeness helpers:
+tests/test_experiments_safemoe_dcr.py.)"""
 
 from __future__ import annotations
 
@@ -44,17 +45,6 @@ def test_seen_and_unseen_domains_pool_counts_not_category_means(safemoe_exp):
     assert g["safety_unseen"]["value"] == pytest.approx(0.25) and g["safety_unseen"]["n"] == 4
     assert g["informativeness_seen"] == {"value": pytest.approx(2.5), "n": 4}  # mean over the 4 safe answers
     assert g["informativeness_unseen"] is None
-
-
-def test_generations_are_shared_once_and_never_overwritten(safemoe_exp, tmp_path):
-    (tmp_path / "safety").mkdir()
-    (tmp_path / "safety" / "settings.json").write_text('{"generation": {"max_new_tokens": 128}}')
-    (tmp_path / "safety" / "generations.jsonl").write_text('{"id": "a", "response": "x"}\n')
-    assert safemoe_exp.share_generations(tmp_path, "safety", "informativeness")
-    assert (tmp_path / "informativeness" / "generations.jsonl").read_text() == '{"id": "a", "response": "x"}\n'
-    (tmp_path / "informativeness" / "generations.jsonl").write_text('{"id": "a", "response": "y"}\n')
-    assert not safemoe_exp.share_generations(tmp_path, "safety", "informativeness")
-    assert "y" in (tmp_path / "informativeness" / "generations.jsonl").read_text()
 
 
 def _adapter(path: Path, tensors: dict[str, torch.Tensor], r: int, alpha: int) -> Path:
