@@ -825,7 +825,6 @@ def main() -> None:
             t1, c1 = time.time(), time.process_time()
             ev = runs / key / "eval"
             evaluated = evaluate_arm(run_dir, ev, seed, args.limit, judge)
-            t2, c2 = time.time(), time.process_time()
             dest = results / key
             copy_aggregates(ev, dest, run_dir)
             save_item_outputs(ev, dest, arm=arm, seed=seed)

@@ -57,11 +57,13 @@ from common import (  # noqa: E402
     check_public_suites,
     comparison_markdown,
     copy_aggregates,
+    gold_accuracy,
     evaluate,
     is_complete,
     safety_sft_start,
     save_item_outputs,
     seed_comparison,
+    seeds_present,
     summarise,
     train,
 )
@@ -253,27 +255,6 @@ def diagnostics(run_dir: Path) -> dict[str, Any]:
             "scale": _stats([r["shapo/scale"] for r in steps if "shapo/scale" in r]),
         }
     return out
-
-
-def all_seeds(runs: Path, arms: list[str]) -> list[int]:
-    """Every seed with an evaluated run of any of `arms` (seeds may run in separate processes)."""
-    found = set()
-    for arm in arms:
-        for d in runs.glob(f"{arm}-seed*"):
-            tail = d.name[len(arm) + len("-seed"):]
-            if tail.isdigit() and (d / "eval" / "metrics.json").is_file():
-                found.add(int(tail))
-    return sorted(found)
-
-
-def judge_accuracy(results: Path) -> str:
-    from tactful.eval.judges.validation import format_accuracy
-
-    for m in sorted(results.glob("*/metrics.json")):
-        acc = json.loads(m.read_text())["suites"].get("safety", {}).get("judge_accuracy")
-        if acc:
-            return format_accuracy(acc)
-    return "see metrics.json"
 
 
 def shapo_table(results: Path, arms: list[str], seeds: list[int]) -> str:
@@ -485,7 +466,7 @@ def main() -> None:
         f"{args.steps} steps x batch {args.batch}, LoRA r16, beta 0.1, lr {args.lr:g} for every arm. "
         f"ShaPO perturbation: {args.shapo_perturbation}" + (f" (rho {args.rho})" if args.shapo_perturbation == "sam"
                                                               else "") + ". Judge: outcome-minilm "
-        f"(gold test accuracy: {judge_accuracy(results)}).",
+        f"(gold test accuracy: {gold_accuracy(results)}).",
         "ShaPO probe: " + ("one per seed on every labelled response of the training prompts, on the start model "
                            "(results/probe-all-seed<N>.json)" if args.probe_data == "all" else
                            "each arm's own, on up to 128 responses of its training pairs") + ".",
@@ -498,7 +479,7 @@ def main() -> None:
     pairs_to_compare = [(arm_name(m, n, args.probe_data, pert), arm_name(base, n))
                         for n in args.noise for m, base in MATCHED_BASELINE.items()]
     comparisons = [c for a, b in pairs_to_compare
-                   if (c := seed_comparison(runs, a, b, all_seeds(runs, [a, b]), rows=[*PKU_ROWS, *OUTCOME_ROWS]))]
+                   if (c := seed_comparison(runs, a, b, seeds_present(runs, [a, b]), rows=[*PKU_ROWS, *OUTCOME_ROWS]))]
     atomic_write_json(results / "comparisons.json", comparisons)
     body = ["\n".join(header), table, "## Claim: at 30% noise ShaPO keeps the model safer than DPO",
             "Paired differences in points (arm − its matched baseline on the same held-out items, seed by seed, "

@@ -57,8 +57,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import (OUTCOME_SUITES, comparison_markdown, copy_aggregates, evaluate, is_complete,  # noqa: E402
-                    pooled_paired, safety_sft_start, save_item_outputs, seed_comparison, summarise, train)
+from common import (OUTCOME_SUITES, comparison_markdown, copy_aggregates, evaluate, gold_accuracy,  # noqa: E402
+                    is_complete, pooled_paired, record_timing, safety_sft_start, save_item_outputs,
+                    seed_comparison, seeds_present, summarise, train)
 from tactful.io import atomic_write_json  # noqa: E402
 
 OLD_POLICY, NEW_POLICY = "old-strict", "new-contextual"
@@ -476,22 +477,15 @@ def main() -> None:
           f"(threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
     timings_path = results / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    timings["shared_data_and_triage"] = timings.get("shared_data_and_triage", shared_s)
+    if "shared_data_and_triage" not in (json.loads(timings_path.read_text()) if timings_path.exists() else {}):
+        record_timing(timings_path, "shared_data_and_triage", {"wall_s": shared_s})
     eval_kw: dict[str, Any] = {}
 
     def record(name: str, run_dir: Path, t_train: float | None, ev_fresh: bool, t_eval: float) -> None:
-        # several processes (one per seed) may share the results folder: merge into what is there
-        timings.update(json.loads(timings_path.read_text()) if timings_path.exists() else {})
-        entry = timings.get(name, {})
-        if t_train is not None:
-            entry["train_s"] = round(t_train, 1)
-        if ev_fresh:
-            entry["eval_s"] = round(t_eval, 1)
-        entry["threads"] = os.environ.get("OMP_NUM_THREADS", "all")
-        timings[name] = entry
-        atomic_write_json(timings_path, timings)
-        print(f"{name}: {entry}")
+        entry = record_timing(timings_path, name, {
+            "train_s": round(t_train, 1) if t_train is not None else None,
+            "eval_s": round(t_eval, 1) if ev_fresh else None, "threads": os.environ.get("OMP_NUM_THREADS", "all")})
+        print(f"{name}: {entry[name]}")
 
     for seed in args.seeds:
         if args.start:
@@ -553,17 +547,6 @@ def agreement(eval_dir: Path) -> dict[str, float | int]:
             "n_unchanged": len(f["unchanged"])}
 
 
-def seeds_present(runs: Path, arms: list[str]) -> list[int]:
-    """Every seed with an evaluated run of any arm (seeds may run in separate processes)."""
-    found = set()
-    for arm in arms:
-        for d in runs.glob(f"{arm}-seed*"):
-            tail = d.name[len(arm) + len("-seed"):]
-            if tail.isdigit() and (d / "eval" / "metrics.json").is_file():
-                found.add(int(tail))
-    return sorted(found)
-
-
 def write_summary(runs: Path, results: Path, args: argparse.Namespace, settings: dict[str, Any],
                   summary: dict[str, Any]) -> None:
     """results/summary.md and comparisons.json over every arm and seed evaluated so far."""
@@ -575,18 +558,12 @@ def write_summary(runs: Path, results: Path, args: argparse.Namespace, settings:
         [comparison(runs, a, b, seeds) for b in BASELINES for a in arms if a not in BASELINES]
         + [comparison(runs, a, "old-aligned", seeds) for a in arms]) if c]
     atomic_write_json(results / "comparisons.json", comparisons)
-    acc = {}
-    m0 = next(iter(sorted(results.glob("*/metrics.json"))), None)
-    if m0:
-        acc = json.loads(m0.read_text())["suites"].get("safety", {}).get("judge_accuracy") or {}
-    from tactful.eval.judges.validation import format_accuracy
-
     micro = settings["micro_batch"] or args.batch
     header = "\n".join([
         "# TRACE experiment: results", "",
         "Model: the embedded SmolLM2-135M-Instruct. Held-out data: the built-in test splits (harmful, "
         "seemingly-toxic, ordinary, multiple choice), never trained on. Judge: `outcome-minilm` (gold test "
-        f"accuracy: {format_accuracy(acc) if acc else 'see metrics.json'}); policy agreement: policy-rules under "
+        f"accuracy: {gold_accuracy(results)}); policy agreement: policy-rules under "
         f"{NEW_POLICY} with outcome-minilm's refusal decision.",
         f"Old data: {summary['n_pairs']} pairs chosen under {OLD_POLICY}; triage under {NEW_POLICY} with "
         f"{summary['judge']}: " + ", ".join(f"{k} {v}" for k, v in summary["counts"].items()) + ".",
