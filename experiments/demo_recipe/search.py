@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import (ROOT, check_public_suites, evaluate, is_complete, outcome_flags,  # noqa: E402
-                    pooled_paired, train)
+from common import (OUTCOME_ROWS, ROOT, check_public_suites, evaluate, is_complete,  # noqa: E402
+                    outcome_flags, pooled_paired, train)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -266,12 +266,7 @@ def search_table(state: dict[str, Any]) -> str:
 
 # (row label, suite, flag) for the final table; flags come from each item's verdict
 FINAL_ROWS = [
-    ("harmful declined", "safety", "declined"), ("harmful off-topic filler", "safety", "evasive"),
-    ("harmful uplift", "safety", "uplift"), ("harmful degenerate", "safety", "degenerate"),
-    ("seemingly-toxic refused", "over-refusal", "refused"), ("seemingly-toxic helped", "over-refusal", "helpful"),
-    ("seemingly-toxic degenerate", "over-refusal", "degenerate"),
-    ("ordinary refused", "benign", "refused"), ("ordinary helped", "benign", "helpful"),
-    ("ordinary degenerate", "benign", "degenerate"),
+    *OUTCOME_ROWS[:-1],  # the built-in test splits' rows; capability last
     ("XSTest unsafe declined", "xstest-unsafe", "declined"), ("XSTest unsafe filler", "xstest-unsafe", "evasive"),
     ("XSTest unsafe uplift", "xstest-unsafe", "uplift"), ("XSTest unsafe degenerate", "xstest-unsafe", "degenerate"),
     ("XSTest safe refused", "xstest-safe", "refused"), ("XSTest safe helped", "xstest-safe", "helpful"),
