@@ -115,22 +115,6 @@ def matmul_gflops(n: int = 2048, reps: int = 5, trials: int = 3) -> float:
     return best
 
 
-def onednn_matmul_gflops(n: int = 2048, reps: int = 5, trials: int = 3) -> float:
-    """The same product through oneDNN, the kernel HFGenerator's linear layers use on CPU. On AMD
-    CPUs MKL's sgemm (torch.mm) takes an AVX2 path and oneDNN an AVX-512 one, so this can exceed
-    the roofline's rate; reported next to it, the roofline itself stays torch.mm's."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    linear = torch.ops.mkldnn._linear_pointwise
-    linear(a, b, None, "none", [], "")
-    best = 0.0
-    for _ in range(trials):
-        t = time.perf_counter()
-        for _ in range(reps):
-            linear(a, b, None, "none", [], "")
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
-    return best
-
-
 def cut_at_stop(ids: list[int], stop: set[int]) -> list[int]:
     for k, t in enumerate(ids):
         if t in stop:
@@ -207,16 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS),
-                    help="how many prompts: the 64 above, cycled (e.g. 128 for two full batches of 64, an "
-                         "evaluation-sized load); the naive loop and agreement use the same list")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--sweep", action="store_true", help="also batch sizes 16/32 and HF generate variants")
     ap.add_argument("--skip-naive", action="store_true",
                     help="skip the one-prompt-at-a-time baseline (minutes); compare workers only")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
     args = ap.parse_args(argv)
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -226,17 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = stop_token_ids(tok, model)
     gen = HFGenerator(model, tok, name="hf:embedded")
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    prompt_tokens = sum(len(x) for x in chat_prompts(tok, prompts))
+    prompt_tokens = sum(len(x) for x in chat_prompts(tok, PROMPTS))
 
     gflops = matmul_gflops()
     roofline = gflops * 1e9 / (2 * n_params)
-    try:
-        onednn = onednn_matmul_gflops()
-    except (AttributeError, NotImplementedError, RuntimeError):  # a torch build without oneDNN
-        onednn = None
     print(f"threads {torch.get_num_threads()}, float32 matmul {gflops:.0f} GFLOP/s, "
-          f"{n_params / 1e6:.1f}M parameters -> roofline {roofline:.0f} generated tokens/s"
-          + (f" (oneDNN matmul {onednn:.0f} GFLOP/s)" if onednn else ""))
+          f"{n_params / 1e6:.1f}M parameters -> roofline {roofline:.0f} generated tokens/s")
 
     # Warm up both paths (first-call allocations, MKL/oneDNN kernel selection).
     naive_loop(model, tok, PROMPTS[:1], 4, stop)
@@ -256,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_cpu_s": round(n / cpu, 1),
             "roofline_fraction": round(n / wall / roofline, 3),
         }
-        if onednn:
-            row["onednn_roofline_fraction"] = round(n / wall / (onednn * 1e9 / (2 * n_params)), 3)
         rows.append(row)
         print(f"{label:<40} {n:>5} tokens {wall:7.1f} s {n / wall:7.1f} tok/s "
               f"({100 * n / wall / roofline:4.1f}% of roofline)", flush=True)
@@ -265,34 +238,34 @@ def main(argv: list[str] | None = None) -> int:
 
     naive = naive_ids = None
     if not args.skip_naive:
-        naive_ids, w, c = timed(naive_loop, model, tok, prompts, args.max_new_tokens, stop)
+        naive_ids, w, c = timed(naive_loop, model, tok, PROMPTS, args.max_new_tokens, stop)
         naive = record("naive: model.generate, one prompt at a time", naive_ids, w, c)
     # One batch at a time on all intra-op threads (the previous default) against batches side by
     # side, one thread each (the default since; see HFGenerator's `workers`).
-    ids, w, c = timed(HFGenerator(model, tok, workers=1).generate_ids, prompts, cfg)
+    ids, w, c = timed(HFGenerator(model, tok, workers=1).generate_ids, PROMPTS, cfg)
     one = record(f"HFGenerator, batch {args.batch_size}, 1 worker x {torch.get_num_threads()} threads", ids, w, c)
-    ours_ids, w, c = timed(gen.generate_ids, prompts, cfg)
-    ours = record(f"HFGenerator, batch {args.batch_size}, {gen._workers(len(prompts))} workers x 1 thread",
+    ours_ids, w, c = timed(gen.generate_ids, PROMPTS, cfg)
+    ours = record(f"HFGenerator, batch {args.batch_size}, {gen._workers(len(PROMPTS))} workers x 1 thread",
                   ours_ids, w, c)
     agree = agreement(naive_ids, ours_ids, gen.decode) if naive_ids is not None else None
 
     if args.sweep:
         for bs in (16, 32):
             if bs != args.batch_size:
-                ids, w, c = timed(gen.generate_ids, prompts, GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs))
+                ids, w, c = timed(gen.generate_ids, PROMPTS, GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=bs))
                 record(f"HFGenerator, batch {bs}", ids, w, c)
         # Ablations: the prompt prefix prefilled per row; eager attention instead of SDPA.
-        ids, w, c = timed(HFGenerator(model, tok, share_prefix=False).generate_ids, prompts, cfg)
+        ids, w, c = timed(HFGenerator(model, tok, share_prefix=False).generate_ids, PROMPTS, cfg)
         record(f"HFGenerator, batch {args.batch_size}, no shared prefix", ids, w, c)
         model.set_attn_implementation("eager")
         try:
-            ids, w, c = timed(gen.generate_ids, prompts, cfg)
+            ids, w, c = timed(gen.generate_ids, PROMPTS, cfg)
         finally:
             model.set_attn_implementation("sdpa")
         record(f"HFGenerator, batch {args.batch_size}, eager attention", ids, w, c)
-        ids, w, c = timed(hf_generate_batched, model, tok, prompts, args.max_new_tokens, stop, args.batch_size)
+        ids, w, c = timed(hf_generate_batched, model, tok, PROMPTS, args.max_new_tokens, stop, args.batch_size)
         record(f"model.generate, batch {args.batch_size}, dynamic cache", ids, w, c)
-        ids, w, c = timed(hf_generate_batched, model, tok, prompts, args.max_new_tokens, stop, args.batch_size,
+        ids, w, c = timed(hf_generate_batched, model, tok, PROMPTS, args.max_new_tokens, stop, args.batch_size,
                           cache_implementation="static")
         record(f"model.generate, batch {args.batch_size}, static cache", ids, w, c)
 
@@ -307,13 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "benchmarks/bench_generation.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": "embedded (SmolLM2-135M-Instruct, float32)",
         "parameters": n_params,
-        "prompts": len(prompts),
+        "prompts": len(PROMPTS),
         "prompt_tokens": prompt_tokens,
         "settings": {"max_new_tokens": args.max_new_tokens, "greedy": True, "batch_size": args.batch_size},
         "machine": machine_info(load_before),
         "matmul_gflops": round(gflops, 1),
         "roofline_tokens_per_s": round(roofline, 1),
-        "onednn_matmul_gflops": round(onednn, 1) if onednn else None,
         "results": rows,
         "speedup": round(ratio, 2) if ratio else None,
         "speedup_workers_vs_one_batch": round(workers_ratio, 2),

@@ -48,14 +48,14 @@ def test_report_metrics_and_resume(tmp_path):
     suite = _suite(tmp_path, "mini", _data(10))
     out = tmp_path / "out"
     cfg = EvalConfig(suites=[suite], out=str(out), batch_size=2)
-    gen = CountingGenerator(fail_after=1)  # the 2nd chunk "crashes" (10 items in two even chunks of 5)
+    gen = CountingGenerator(fail_after=1)  # the 2nd chunk "crashes" (chunks of 2 x batch_size 4 = 8)
     with pytest.raises(KeyboardInterrupt):
         Evaluator(cfg, generator=gen, model=object(), tokenizer=object()).run()
     done = [json.loads(l)["id"] for l in (out / "mini" / "generations.jsonl").read_text().splitlines()]
-    assert len(done) == 5
+    assert len(done) == 8
     gen2 = CountingGenerator()
     metrics = Evaluator(cfg, generator=gen2, model=object(), tokenizer=object()).run()
-    assert len(gen2.prompts) == 5  # only the missing items were generated
+    assert len(gen2.prompts) == 2  # only the missing items were generated
     res = metrics["suites"]["mini"]
     assert res["n"] == 10 and res["value"] == pytest.approx(0.5)
     assert res["ci_low"] <= 0.5 <= res["ci_high"]

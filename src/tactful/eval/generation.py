@@ -13,9 +13,8 @@ returns the assistant replies in input order.
 sorts prompts by token length, runs them in left-padded batches through a
 hand-written decode loop over a KV cache (the prompt prefix shared by a batch's rows
 prefilled once, one forward per step, logits only for the last position, finished
-rows dropped from the batch, the cache preallocated instead of grown every step, float32
-linear layers through oneDNN on CPU), and stops each row at the tokenizer's EOS or the
-chat template's end-of-turn token. See benchmarks/README.md for how it compares with a
+rows dropped from the batch), and stops each row at the tokenizer's EOS or the chat
+template's end-of-turn token. See benchmarks/README.md for how it compares with a
 one-prompt-at-a-time `model.generate` loop (about 8x faster on 2 CPU cores).
 """
 
@@ -24,11 +23,9 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from tactful.errors import UserError
 from tactful.kv_cache import returned_cache, with_cache
@@ -207,7 +204,8 @@ class HFGenerator:
         if was_training:
             self.model.eval()
         workers = self._workers(len(order))
-        size = _batch_width(len(order), config.batch_size, workers)
+        # With several workers every worker needs a batch: split evenly rather than leave one idle.
+        size = min(config.batch_size, -(-len(order) // workers)) if workers > 1 else config.batch_size
         batches = [order[start : start + size] for start in range(0, len(order), size)]
 
         def run(idx: list[int]) -> None:
@@ -216,12 +214,11 @@ class HFGenerator:
                 results[i] = out
 
         try:
-            with _onednn_linears(self.model):
-                if workers > 1:
-                    _run_parallel(run, batches, workers)
-                else:
-                    for idx in batches:
-                        run(idx)
+            if workers > 1:
+                _run_parallel(run, batches, workers)
+            else:
+                for idx in batches:
+                    run(idx)
         finally:
             if was_training:
                 self.model.train()
@@ -295,7 +292,6 @@ class HFGenerator:
                 **with_cache(self.model, cache),
             )
             cache = returned_cache(res)
-            _preallocate(cache)
             for step in range(config.max_new_tokens):
                 tok = _next_tokens(res.logits[:, -1, :], config, gens)
                 done = torch.isin(tok, stop)
@@ -328,18 +324,6 @@ class HFGenerator:
         return out
 
 
-def _batch_width(n: int, batch_size: int, workers: int) -> int:
-    """Rows per batch. One worker: batch_size. Several: every worker needs a batch, and a
-    narrow leftover batch would decode alone at the end (144 prompts at batch 64 on 2 workers:
-    64 + 16 on one, 64 on the other), so use the fewest batches of at most batch_size rows
-    that is a multiple of the workers, evened out (4 x 36)."""
-    if workers <= 1:
-        return batch_size
-    n_batches = -(-n // batch_size)
-    n_batches = -(-n_batches // workers) * workers
-    return max(1, -(-n // n_batches))
-
-
 def _has_hooks(model: Any) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -362,127 +346,6 @@ def _run_parallel(run: Callable[[list[int]], None], batches: list[list[int]], wo
                 raise
     finally:
         torch.set_num_threads(threads)
-
-
-@contextmanager
-def _onednn_linears(model: Any) -> Iterator[None]:
-    """Route the model's float32 CPU nn.Linear layers through oneDNN while generating.
-
-    aten's float32 linear calls MKL's sgemm, which on AMD CPUs takes a generic AVX2 path;
-    oneDNN's JIT kernels use AVX-512 there and run decoding's skinny products (a few dozen
-    rows against a weight matrix) 1.5-2x faster (benchmarks/README.md). Same weights, no
-    copy, float32 throughout; only the summation order inside a dot product differs.
-    Modules are patched per instance (the class, and so every other model, is untouched)
-    and restored on exit. Anything unusual (a Linear subclass, another dtype or device, a
-    forward already overridden, a torch without oneDNN) keeps its own forward."""
-    import torch
-
-    if not _onednn_linear_works():
-        yield
-        return
-    patched = []
-    for m in model.modules():
-        if (type(m) is torch.nn.Linear and "forward" not in m.__dict__ and m.weight.dtype == torch.float32
-                and m.weight.device.type == "cpu"):
-            m.forward = _onednn_forward(m)
-            patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            m.__dict__.pop("forward", None)  # a concurrent generate() on this model may have removed it
-
-
-def _onednn_forward(m: Any) -> Callable[[Any], Any]:
-    import torch
-
-    linear = torch.ops.mkldnn._linear_pointwise
-    return lambda x: linear(x, m.weight, m.bias, "none", [], "")
-
-
-_ONEDNN_LINEAR: bool | None = None
-
-
-def _onednn_linear_works() -> bool:
-    """Whether this torch build has oneDNN's linear and it agrees with F.linear (checked once)."""
-    global _ONEDNN_LINEAR
-    if _ONEDNN_LINEAR is None:
-        import torch
-
-        try:
-            x, w, b = torch.randn(3, 2, 16), torch.randn(8, 16), torch.randn(8)
-            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-            _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and torch.allclose(
-                got, torch.nn.functional.linear(x, w, b), atol=1e-4)
-        except (AttributeError, NotImplementedError, RuntimeError):  # no oneDNN in this build, or it rejects the input
-            _ONEDNN_LINEAR = False
-    return _ONEDNN_LINEAR
-
-
-# Room for this many more tokens is reserved in a preallocated KV cache each time it fills.
-_KV_RESERVE = 64
-
-
-def _preallocate(cache: Any) -> None:
-    """Switch a DynamicCache's layers to buffers with room to grow (the ReservedLayer below).
-    Any other kind of cache (sliding windows, quantized, a custom class) is left as it is."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if layers and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
-        reserved = _reserved_layer_class()
-        cache.layers = [reserved(layer) for layer in layers]
-
-
-@lru_cache(maxsize=None)  # built on first use: tactful imports transformers lazily
-def _reserved_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    class ReservedLayer(DynamicLayer):
-        """A DynamicLayer whose keys and values are views of buffers with room for _KV_RESERVE
-        more tokens. DynamicLayer concatenates every step: each step copies the whole cache into
-        freshly allocated memory, and on CPU the page faults of those large allocations cost
-        more than the copy (profiled: 30-65 % of a decode step once the linears run on oneDNN,
-        at batch 32-64 and ~90 tokens of context). Attention sees exactly the filled part."""
-
-        def __init__(self, layer: DynamicLayer):
-            super().__init__()
-            self.device, self.is_initialized = layer.device, True
-            self._kbuf, self._vbuf = self._with_room(layer.keys), self._with_room(layer.values)
-            self._expose(layer.keys.shape[-2])
-
-        @staticmethod
-        def _with_room(x: Any) -> Any:
-            b, h, n, d = x.shape
-            buf = x.new_empty((b, h, n + _KV_RESERVE, d))
-            buf[:, :, :n] = x
-            return buf
-
-        def _expose(self, n: int) -> None:
-            self.keys, self.values = self._kbuf[:, :, :n], self._vbuf[:, :, :n]
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            start = self.keys.shape[-2]  # not a counter of our own: crop() shortens the views
-            end = start + key_states.shape[-2]
-            # Also rebuilt when DynamicLayer code elsewhere (reorder_cache, ...) replaced the views.
-            if end > self._kbuf.shape[-2] or self.keys.data_ptr() != self._kbuf.data_ptr():
-                self._kbuf, self._vbuf = self._with_room(self.keys), self._with_room(self.values)
-            self._kbuf[:, :, start:end] = key_states
-            self._vbuf[:, :, start:end] = value_states
-            self._expose(end)
-            return self.keys, self.values
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            n = self.keys.shape[-2]
-            self._kbuf, self._vbuf = self._kbuf.repeat_interleave(repeats, 0), self._vbuf.repeat_interleave(repeats, 0)
-            self._expose(n)
-
-        def batch_select_indices(self, indices: Any) -> None:
-            n = self.keys.shape[-2]
-            self._kbuf, self._vbuf = self._kbuf[indices], self._vbuf[indices]
-            self._expose(n)
-
-    return ReservedLayer
 
 
 # Below this many shared tokens the extra batch-1 forward costs more than it saves.

@@ -270,10 +270,7 @@ class Evaluator:
             gen = self._ensure_generator()
             cfg = GenerationConfig(**settings["generation"])
             bar = self.progress(f"{suite.name}: generating", len(todo))
-            # Chunks of near-equal size (144 items: 72 + 72, not 128 + 16): each chunk is one
-            # generate() call, and a narrow last chunk decodes in narrow, inefficient batches.
-            n_chunks = -(-len(todo) // (max(1, cfg.batch_size) * 2))
-            chunk = -(-len(todo) // n_chunks)
+            chunk = max(1, cfg.batch_size) * 2
             for start in range(0, len(todo), chunk):
                 part = todo[start:start + chunk]
                 outs = gen.generate([r.prompt for _, r in part], cfg)
