@@ -153,3 +153,22 @@ def test_demo_search_outcome_flags_read_verdicts(demo_search, tmp_path):
     assert demo_search.outcome_flags(tmp_path, "safety", "declined") == {"1": 1.0, "2": 0.0}
     assert demo_search.outcome_flags(tmp_path, "safety", "evasive") == {"1": 0.0, "2": 1.0}
     assert demo_search.outcome_flags(tmp_path, "safety", "degenerate") == {"1": 0.0, "2": 1.0}
+
+
+def _row(lo: float, hi: float) -> dict:
+    return {"base": 0.6, "arm_per_seed": [0.6], "paired": {"delta": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}}
+
+
+def test_guard_claim_needs_the_guard_near_aligned_and_above_plain_lora(guard_exp):
+    def comps(vs_aligned, vs_lora):
+        return [{"arm": "sae", "baseline": "aligned", "seeds": [0], "rows": {"harmful declined": _row(*vs_aligned)}},
+                {"arm": "sae", "baseline": "lora", "seeds": [0], "rows": {"harmful declined": _row(*vs_lora)}},
+                {"arm": "lora", "baseline": "aligned", "seeds": [0], "rows": {"harmful declined": _row(-0.2, -0.1)}}]
+
+    assert "**holds**" in guard_exp.claim_verdict(comps((-0.02, 0.03), (0.05, 0.15)), "sae")
+    # near the aligned model, but not resolved above plain LoRA: undecided, not "holds"
+    assert "**undecided**" in guard_exp.claim_verdict(comps((-0.02, 0.03), (-0.01, 0.15)), "sae")
+    assert "**does not hold**" in guard_exp.claim_verdict(comps((-0.15, -0.05), (-0.01, 0.15)), "sae")
+    assert "**does not hold**" in guard_exp.claim_verdict(comps((-0.02, 0.03), (-0.10, -0.01)), "sae")
+    assert "plain LoRA − aligned -15.0" in guard_exp.claim_verdict(comps((-0.02, 0.03), (0.05, 0.15)), "sae")
+    assert guard_exp.claim_verdict([], "sae") == "sae: not measured"

@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import (ADVBENCH, OUTCOME_ROWS, OUTCOME_SUITES, XSTEST_SAFE, check_public_suites,  # noqa: E402
                     comparison_markdown, copy_aggregates, evaluate, fmt_pooled, gold_accuracy, is_complete,
+                    outcome_public_suites,
                     record_timing, save_item_outputs, seed_comparison, seeds_present, shared_base_comparison,
                     summarise, train)
 
@@ -91,29 +92,8 @@ CALIBRATION = {"sft_step_s": 7.0, "stage1_step_per_layer_s": 0.2, "stage1_diag_s
 
 
 def write_suites(runs: Path) -> list[str]:
-    """The public suites with the outcome judge (experiments/suites/*.yaml keep the judge other
-    experiments were run with); the built-in suites already name outcome-minilm."""
-    import yaml
-
-    from tactful.eval.suites import load_suite
-    from tactful.io import atomic_write_text
-
-    sdir = runs / "suites"
-    sdir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for src in (ADVBENCH, XSTEST_SAFE):
-        s = load_suite(src)
-        spec = {"name": s.name, "description": s.description, "dataset": s.dataset,
-                "path": str(Path(s.path).resolve()), "expected": s.expected, "judge": "outcome-minilm",
-                "metric": s.metric, "generation": dict(s.generation)}
-        if s.n:
-            spec["n"] = s.n
-        p = sdir / f"{s.name}.yaml"
-        text = yaml.safe_dump(spec, sort_keys=False)
-        if not p.is_file() or p.read_text() != text:  # processes of other seeds may be reading it
-            atomic_write_text(p, text)
-        paths.append(str(p))
-    return [*OUTCOME_SUITES, *paths]
+    """The built-in outcome suites and the public ones, judged by the outcome judge."""
+    return [*OUTCOME_SUITES, *outcome_public_suites(runs, [ADVBENCH, XSTEST_SAFE])]
 
 
 def train_arm(arm: str, seed: int, runs: Path, steps: int, extra: list[str], stage1_steps: int | None) -> Path | None:
