@@ -406,6 +406,9 @@ def comparison_markdown(c: dict[str, Any]) -> str:
     for label, r in c["rows"].items():
         lines.append(f"| {label} | {100 * r['base']:.1f} | " + " / ".join(f"{100 * x:.1f}" for x in r["arm_per_seed"])
                      + f" | {fmt_pooled(r['paired'])} | {r['paired'].get('n_items', '—')} |")
+    verdict = frontier_verdict(c)
+    if verdict != "not measured":
+        lines += ["", f"Frontier: {verdict}"]
     return "\n".join(lines)
 
 
