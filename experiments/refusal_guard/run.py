@@ -26,7 +26,7 @@ benign + factuality data for the same number of steps (LoRA r=16, all linears):
     base           (optional) the unaligned embedded model, for scale
 
 The last four are strict (guard.strict=true): they refuse to train any module their guard does
-not protect. The sae-* optional arms reuse the sae arm's SAEs when it has run (sae-shared needs them).
+not protect. The SAE arms of a seed share one set of SAEs, the first trained (sae-shared needs the sae arm's).
 
 Fine-tuning data: the built-in benign instructions and truthfulness train split, plus the
 training half of TruthfulQA (../shared/data/TruthfulQA.csv, split 50/50 by a fixed seed;
@@ -97,7 +97,7 @@ ARM_OVERRIDES = {
     "direction-guarded-only": ["guard.train_only_guarded=true", "guard.strict=true"],
     "sae-guarded-only": ["guard.train_only_guarded=true", "guard.strict=true"],
 }
-REUSES_SAES = ("sae-shared", "sae-residual", "sae-guarded-only")  # the same SAEs isolate the guard's change
+SAE_ARMS = ("sae", "sae-shared", "sae-residual", "sae-guarded-only")  # one set of SAEs per seed serves them all
 # The guards to judge against plain LoRA (the matched baseline: same data, steps, LoRA), and the
 # claim's reference, the aligned start.
 GUARD_ARMS = ("safelora", "direction", "sae", "sae-shared", "direction-residual", "sae-residual",
@@ -176,14 +176,17 @@ def arm_overrides(arm: str, seed: int, runs: Path, start: Path, tqa_train: Path,
     overrides = [f"seed={seed}", f"start_from={start}", f"guard.kind={GUARD_KIND[arm]}",
                  f"data.sources=[{', '.join(data)}]", f"training.max_steps={steps}",
                  f"sae.steps={sae_steps}", f"sae.tokens={sae_tokens}"]
-    if arm in REUSES_SAES:
-        sae_dir = runs / f"sae-seed{seed}" / "sae"
-        if (sae_dir / "summary.json").is_file():
-            overrides.append(f"sae.pretrained={sae_dir}")
+    if arm in SAE_ARMS:
+        # Every SAE arm of a seed trains on the same start with the same SAE settings, so the first
+        # SAEs trained serve them all: no arm pays for them twice, and the guards differ only in
+        # what they protect. The sae arm's are preferred (the committed design trains them).
+        found = [d for d in (runs / f"{a}-seed{seed}" / "sae" for a in SAE_ARMS) if (d / "summary.json").is_file()]
+        if found:
+            overrides.append(f"sae.pretrained={found[0]}")
         elif arm == "sae-shared":
             sys.exit("error: the sae-shared arm reuses the sae arm's SAEs; run --arms sae first")
-        else:
-            log(f"{arm}: the sae arm's SAEs are not there yet; this arm trains its own")
+        elif arm != "sae":
+            log(f"{arm}: no SAEs of this seed yet; this arm trains them")
     return overrides + ARM_OVERRIDES.get(arm, [])
 
 
