@@ -146,3 +146,52 @@ def test_rejudge_scores_saved_replies_with_another_judge_without_a_model(tmp_pat
         rejudge(src, src, judge="string-gcg")
     with pytest.raises(UserError, match="not a tactful evaluation"):
         rejudge(tmp_path, tmp_path / "x", judge="string-gcg")
+
+
+def _commit_items(src: Path, dest: Path, suites: list[str]) -> Path:
+    """What an experiment commits: metrics, manifest and the replies as items.jsonl.gz, no prompts."""
+    import gzip
+    import shutil
+
+    dest.mkdir(parents=True)
+    for f in ("metrics.json", "manifest.json"):
+        shutil.copy(src / f, dest / f)
+    rows = [{"suite": s, "id": r["id"], "response": r["response"], "seed": 0}
+            for s in suites for r in map(json.loads, (src / s / "items.jsonl").read_text().splitlines())]
+    with gzip.open(dest / "items.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return dest
+
+
+def test_rejudge_committed_replies_rebuilds_prompts_from_the_suite_data(tmp_path):
+    from tactful.eval.runner import rejudge
+
+    data = [{k: v for k, v in r.items() if k != "id" or i % 3} for i, r in enumerate(_data(9))]  # some ids hashed
+    suite = _suite(tmp_path, "mini", data, n=6)  # a seeded subsample: ids find the items in the whole set
+    src = tmp_path / "src"
+    Evaluator(EvalConfig(model=str(tmp_path / "no-such-model"), suites=[suite], out=str(src)),
+              generator=CountingGenerator()).run()
+    committed = _commit_items(src, tmp_path / "results" / "arm-seed0", ["mini"])
+    again = rejudge(committed, tmp_path / "again", judge="outcome-minilm", suites=[suite])
+    res = again["suites"]["mini"]
+    assert res["judge"] == "outcome-minilm" and res["n"] == 6 and "outcomes" in res
+    assert res["generation"] == json.loads((src / "metrics.json").read_text())["suites"]["mini"]["generation"]
+    items = [json.loads(l) for l in (tmp_path / "again" / "mini" / "items.jsonl").read_text().splitlines()]
+    saved = [json.loads(l) for l in (src / "mini" / "items.jsonl").read_text().splitlines()]
+    assert [(i["id"], i["prompt"], i["response"]) for i in items] == [
+        (i["id"], i["prompt"], i["response"]) for i in saved]
+    # the same judge as the evaluation's gives the same numbers
+    same = rejudge(committed / "items.jsonl.gz", tmp_path / "same", suites=[suite])["suites"]["mini"]
+    assert same["value"] == json.loads((src / "metrics.json").read_text())["suites"]["mini"]["value"]
+
+    with pytest.raises(UserError, match="not a built-in suite"):
+        rejudge(committed, tmp_path / "x1")
+    (tmp_path / "mini.jsonl").write_text("".join(json.dumps({**r, "prompt": r["prompt"] + "!"}) + "\n"
+                                                 for r in _data(9)))
+    with pytest.raises(UserError, match="not in its dataset|data hash"):
+        rejudge(committed, tmp_path / "x2", suites=[suite])
+    with pytest.raises(UserError, match="new directory"):
+        rejudge(committed, committed, suites=[suite])
+    (committed / "metrics.json").unlink()
+    with pytest.raises(UserError, match="metrics.json"):
+        rejudge(committed, tmp_path / "x3", suites=[suite])

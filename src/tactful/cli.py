@@ -213,7 +213,8 @@ def eval_cmd(
     trust_remote_code: bool = typer.Option(False, help="Allow model repositories to run their own code."),
     rejudge: Optional[str] = typer.Option(None, help=(
         "Judge the saved replies of an earlier `tactful eval --out DIR` again (with --judge, or each suite's "
-        "judge), into --out; nothing is generated.")),
+        "judge), into --out; nothing is generated. Also an experiment's committed items.jsonl.gz (or its "
+        "folder): prompts are rebuilt from the suites' data; --suite gives suite files that are not built in.")),
 ) -> None:
     """Evaluate a model on suites; writes per-item JSONL, metrics with 95% CIs and a Markdown report."""
     import yaml
@@ -229,7 +230,8 @@ def eval_cmd(
         from tactful.eval.runner import rejudge as run_rejudge
 
         with progress_factory() as pf:
-            metrics = run_rejudge(rejudge, out, judge=judge, judge_options=judge_options, progress=pf)
+            metrics = run_rejudge(rejudge, out, judge=judge, judge_options=judge_options, progress=pf,
+                                  suites=_split_list(suite))
         _print_eval(metrics, out)
         return
     cfg = EvalConfig(model=model, adapter=adapter, run=run, suites=_split_list(suite), judge=judge,

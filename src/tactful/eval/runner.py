@@ -115,6 +115,8 @@ class Evaluator:
         self.log = log
         self.out = RunDir(config.out, "output directory (--out)")
         self._judges: dict[str, Any] = {}
+        # suite name -> the settings saved replies were generated with (re-judging: nothing is generated)
+        self.saved_settings: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------ model plumbing
     def _ensure_model(self) -> None:
@@ -176,14 +178,16 @@ class Evaluator:
         return self._judges[key]
 
     # ------------------------------------------------------------ suites
-    def run(self) -> dict[str, Any]:
+    def run(self, records: dict[str, list] | None = None) -> dict[str, Any]:
+        """Run every suite of the config; `records` (by suite name) replaces loading a suite's data."""
         # Everything a user can get wrong is checked before the first item is generated:
         # suite files, judge names, then every suite's data.
         suites = [load_suite(s) for s in self.config.suites]
         for suite in suites:
             if suite.generates:
                 self._check_judge(suite)
-        records = {suite.name: self._records(suite) for suite in suites}
+        given = records or {}
+        records = {suite.name: given.get(suite.name) or self._records(suite) for suite in suites}
         results = {}
         manifest_suites = {}
         for suite in suites:
@@ -254,7 +258,8 @@ class Evaluator:
         from tactful.eval.generation import GenerationConfig
         from tactful.eval.judges import JudgeItem
 
-        settings = {"model": self.model_name(), "backend": self.config.backend, "generation": self._gen_settings(suite)}
+        settings = self.saved_settings.get(suite.name) or {
+            "model": self.model_name(), "backend": self.config.backend, "generation": self._gen_settings(suite)}
         settings_path = sdir / "settings.json"
         gen_path = sdir / "generations.jsonl"
         if settings_path.exists() and gen_path.exists():
@@ -435,15 +440,21 @@ def evaluate(config: EvalConfig, **kw: Any) -> dict[str, Any]:
 
 
 def rejudge(source: str | Path, out: str | Path, *, judge: str | None = None,
-            judge_options: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+            judge_options: dict[str, Any] | None = None, suites: Sequence[str] = (), **kw: Any) -> dict[str, Any]:
     """Judge an earlier evaluation's saved replies again, with `judge` (None: each suite's own
     judge as the suite file says it today), into `out`; nothing is generated, no model loads.
+    `source` is an evaluation directory, or an experiment's committed `items.jsonl.gz` (or its
+    folder; see tactful.eval.saved), whose non-built-in suites are given as `suites` files.
 
     The source's generations.jsonl and settings.json are copied into `out` and the evaluation
     is re-run from its recorded config there: every reply counts as already generated, so only
     judging happens. Multiple-choice suites (no replies to judge) keep their scores."""
     import shutil
 
+    from tactful.eval.saved import is_saved_items, rejudge_saved
+
+    if is_saved_items(source):  # an experiment's committed replies: prompts are rebuilt from the suites' data
+        return rejudge_saved(source, out, suites=suites, judge=judge, judge_options=judge_options, **kw)
     src = Path(source)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
