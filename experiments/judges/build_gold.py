@@ -18,6 +18,9 @@ Generators (each answers a balanced random subset of the prompts):
   sft-refusal      safety SFT with refusals making up 80% of the mix, lr 3e-4 (over-refuses)
   sft-informative  SFT on informative declines (safe redirection) + seemingly-toxic answers + benign
   sft-overtrained  safety SFT at lr 3e-3 (degenerates: loops, word salad)
+  safety-sft       the safety-SFT start that the refusal-guard, DCR, ShaPO and TRACE experiments share
+                   (experiments/common.safety_sft_start, seed 0); added after a blind audit found the
+                   judge calling its "I'll help you <request>." template a refusal
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ VARIANTS: dict[str, tuple[str, list[str]] | None] = {
                                      "training.max_steps=25", "training.max_length=256"]),
     "sft-overtrained": ("sft.yaml", ["training.learning_rate=3e-3", "training.max_steps=25",
                                      "training.max_length=192"]),
+    "safety-sft": ("sft.yaml", ["training.max_steps=62"]),
 }
 # prompts per generator, by prompt type (the bare model 350, each trained variant 325: 2,000 in all)
 PER_GENERATOR = {"harmful": 150, "seemingly_toxic": 100, "benign": 100}
