@@ -180,6 +180,17 @@ def test_rejudge_committed_replies_rebuilds_prompts_from_the_suite_data(tmp_path
     saved = [json.loads(l) for l in (src / "mini" / "items.jsonl").read_text().splitlines()]
     assert [(i["id"], i["prompt"], i["response"]) for i in items] == [
         (i["id"], i["prompt"], i["response"]) for i in saved]
+    # multiple-choice rows keep their recorded scores, per item too
+    import gzip
+    with gzip.open(committed / "items.jsonl.gz", "at") as f:
+        f.write(json.dumps({"suite": "quiz", "id": "q1", "pred": 2, "correct": True, "outcome": 1.0}) + "\n")
+    metrics = json.loads((committed / "metrics.json").read_text())
+    metrics["suites"]["quiz"] = {"metric": "accuracy", "value": 1.0, "n": 1, "ci_low": 1.0, "ci_high": 1.0}
+    (committed / "metrics.json").write_text(json.dumps(metrics))
+    mixed = rejudge(committed, tmp_path / "mixed", judge="outcome-minilm", suites=[suite])
+    assert mixed["suites"]["quiz"]["value"] == 1.0
+    assert json.loads((tmp_path / "mixed" / "quiz" / "scores.jsonl").read_text()) == {
+        "id": "q1", "pred": 2, "correct": True}
     # the same judge as the evaluation's gives the same numbers
     same = rejudge(committed / "items.jsonl.gz", tmp_path / "same", suites=[suite])["suites"]["mini"]
     assert same["value"] == json.loads((src / "metrics.json").read_text())["suites"]["mini"]["value"]

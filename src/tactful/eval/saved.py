@@ -95,6 +95,18 @@ def rebuild_records(suite: Any, rows: Sequence[dict[str, Any]], data_hash: str |
     return out
 
 
+def _write_scores(sdir: Path, rows: Sequence[dict[str, Any]], metric: str | None) -> None:
+    """The per-item scores of a multiple-choice suite, as far as the saved rows keep them (the
+    chosen option, whether it was right, and MC2 where that is the metric), so paired
+    comparisons can read them as they read an evaluation's scores.jsonl."""
+    from tactful.io import atomic_write_jsonl
+
+    sdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(sdir / "scores.jsonl", [
+        {"id": str(r["id"]), "pred": r.get("pred"), "correct": r.get("correct"),
+         **({"mc2": r.get("outcome")} if metric == "mc2" else {})} for r in rows])
+
+
 def rejudge_saved(source: str | Path, out: str | Path, *, suites: Sequence[str] = (), judge: str | None = None,
                   judge_options: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     """Judge the replies in a committed `items.jsonl.gz` (or the folder holding it and its
@@ -130,9 +142,10 @@ def rejudge_saved(source: str | Path, out: str | Path, *, suites: Sequence[str] 
     given = {s.name: s for s in (load_suite(x) for x in suites)}
     generative, kept, records, settings = [], {}, {}, {}
     for name, srows in by_suite.items():
-        if "response" not in srows[0]:  # multiple choice: nothing to judge
+        if "response" not in srows[0]:  # multiple choice: nothing to judge; its per-item scores are kept
             if name in old:
                 kept[name] = old[name]
+                _write_scores(Path(out) / name, srows, old[name].get("metric"))
             continue
         if name not in old or "generation" not in old[name]:
             raise UserError(f"{metrics_path}: no generation settings recorded for suite {name!r}")
