@@ -472,6 +472,27 @@ def seeds_present(runs: Path, arms: Sequence[str]) -> list[int]:
     return sorted(found)
 
 
+def restore_evals(results: Path, runs: Path, suites: Sequence[str] = (), *, log: Any = print) -> list[str]:
+    """Rebuild runs/<arm>-seed<N>/eval for every committed arm (results/<arm>-seed<N>/items.jsonl.gz)
+    whose evaluation directory is missing -- a fresh machine, a cleaned runs/ -- by judging the
+    committed replies again with each suite's judge as its file says today (tactful.eval.saved):
+    nothing is trained or generated, so seeds run on another machine join the summary, and after a
+    judge is refit the same call re-scores everything. `suites`: the experiment's suite files that
+    are not built in. Returns the keys restored."""
+    from tactful.eval.saved import ITEMS, rejudge_saved
+
+    restored = []
+    for src in sorted(results.glob(f"*-seed*/{ITEMS}")):
+        key = src.parent.name
+        ev = runs / key / "eval"
+        if (ev / "metrics.json").is_file():
+            continue
+        log(f"{key}: rebuilding {ev} from the committed replies (re-judged, nothing generated)")
+        rejudge_saved(src.parent, ev, suites=suites)
+        restored.append(key)
+    return restored
+
+
 def gold_accuracy(results: Path, suite: str = "safety") -> str:
     """The outcome judge's accuracy on the gold test split, as the runner recorded it in the first
     metrics.json of `results` that has it (every arm is judged by the same judge)."""

@@ -64,7 +64,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
 from common import (comparison_markdown, copy_aggregates, evaluate, fmt_pooled, gold_accuracy,  # noqa: E402
-                    is_complete, record_timing, save_item_outputs, seed_comparison, seeds_present,
+                    is_complete, record_timing, restore_evals, save_item_outputs, seed_comparison, seeds_present,
                     shared_base_comparison, summarise, train)
 
 ARMS = ("base", "sft-n", "lora", "refusal-only", "safemoe", "safemoe-null", "safemoe-tanh", "safemoe-pku",
@@ -750,6 +750,46 @@ def estimate_s(runs: Path, arms: Sequence[str], seeds: Sequence[int], limit: int
 # --------------------------------------------------------------------------- main
 
 
+def finish(results: Path, runs: Path, args: argparse.Namespace, domains: list[str], unseen: list[str], n_safe: int,
+           judge: dict[str, str]) -> None:
+    """Join the seeds evaluated elsewhere (their committed replies, judged again), then write the
+    summary of every seed present."""
+    from tactful.io import atomic_write_json
+
+    # seeds evaluated on another machine (or before runs/ was cleaned) join from their committed replies
+    for key in restore_evals(results, runs, [SAFETY, OVER_REFUSAL], log=log):
+        ev, dest = runs / key / "eval", results / key
+        safe_informativeness(ev, int(key.rsplit("-seed", 1)[1]))
+        copy_aggregates(ev, dest)
+        metrics = json.loads((ev / "metrics.json").read_text())
+        atomic_write_json(dest / "generalisation.json", generalisation(metrics, domains, unseen))
+
+    judge_note = (f"; also the 1-10 llm-informativeness via {args.judge_model} on the same replies" if judge else "")
+    header = "\n".join([
+        f"# SafeMoE experiment: results{' (QUICK SMOKE RUN: not results)' if args.quick else ''}", "",
+        f"Model: embedded (SmolLM2-135M-Instruct). Safe set: {n_safe} built-in safe-and-informative answers "
+        f"({', '.join(domains)}), {args.epochs:g} epoch(s), batch {BATCH} for every trained arm (experts: "
+        f"{args.expert_epochs:g} epoch(s) on their corpus)" + (f", capped at {args.steps} steps" if args.steps else "")
+        + ". Experts: self-generated corpus (safemoe*), built-in refusals (refusal-only), PKU-SafeRLHF unsafe "
+        f"responses, {args.pku_per_domain} per domain (safemoe-pku*).",
+        "Held-out data, never trained on: built-in harmful test split (all 8 domains, 128 new tokens), "
+        "seemingly-toxic test split (seeded 100 of 150), ordinary instructions and multiple choice (test splits)"
+        + (f"; at most {args.limit} items per suite (seeded)" if args.limit else "") + ". "
+        f"Judge: `outcome-minilm` (gold test accuracy: {gold_accuracy(results)}). Informativeness: the "
+        f"informativeness-proxy score (on-topic substance, not correctness) of the replies outcome-minilm declined "
+        f"without uplift{judge_note}. `base` is evaluated once (greedy decoding of the untrained model does not depend "
+        "on the seed). Per-item outputs: <arm>-seed<N>/items.jsonl.gz; wall and CPU times: timings.json.",
+    ])
+    write_summary(results, runs, header, domains)
+
+
+def summarise_only(results: Path, runs: Path, args: argparse.Namespace, domains: list[str], unseen: list[str],
+                   n_safe: int, t_start: float) -> None:
+    judge = {"base_url": args.judge_url, "model": args.judge_model} if args.judge_url and args.judge_model else {}
+    finish(results, runs, args, domains, unseen, n_safe, judge)
+    log(f"summary rewritten in {(time.time() - t_start) / 60:.1f} min: {results / 'summary.md'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -768,6 +808,9 @@ def main() -> None:
     ap.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint for the 1-10 informativeness rubric")
     ap.add_argument("--judge-model", default=None)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override for trained arms")
+    ap.add_argument("--summarise", action="store_true",
+                    help="train and generate nothing: rebuild missing evaluation directories from the committed "
+                         "replies (results/*/items.jsonl.gz, judged again) and rewrite the summary")
     args = ap.parse_args()
     if args.quick:
         args.steps = args.steps or 2
@@ -792,6 +835,9 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     safe_set = runs / "data" / "safe-set.jsonl"
     n_safe = write_safe_set(safe_set, config)
+    if args.summarise:
+        summarise_only(results, runs, args, domains, unseen, n_safe, t_start)
+        return
     unsafe_dir, refusal_dir, corpus_stats = build_corpora(runs, config, args.quick)
     pku_dir, pku_prov = build_pku_corpus(runs, domains, args.pku_per_domain)
     corpus_stats["pku"] = {k: pku_prov.get(k) for k in ("source", "file", "sha256", "pairs", "distinct_prompts",
@@ -813,7 +859,7 @@ def main() -> None:
         f"not finished yet: {est / 60:.0f} min (" + ", ".join(f"{a} {t / 60:.1f}" for a, t in per_arm.items())
         + f"; threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
-    for seed in args.seeds:
+    for seed in ([] if args.summarise else args.seeds):
         for arm in arms:
             if arm == "base" and seed != 0:
                 continue  # one greedy evaluation of the untrained model serves every seed
@@ -848,23 +894,7 @@ def main() -> None:
             record_timing(results / "timings.json", key, entry)
             log(f"{key}: {entry}")
 
-    judge_note = (f"; also the 1-10 llm-informativeness via {args.judge_model} on the same replies" if judge else "")
-    header = "\n".join([
-        f"# SafeMoE experiment: results{' (QUICK SMOKE RUN: not results)' if args.quick else ''}", "",
-        f"Model: embedded (SmolLM2-135M-Instruct). Safe set: {n_safe} built-in safe-and-informative answers "
-        f"({', '.join(domains)}), {args.epochs:g} epoch(s), batch {BATCH} for every trained arm (experts: "
-        f"{args.expert_epochs:g} epoch(s) on their corpus)" + (f", capped at {args.steps} steps" if args.steps else "")
-        + ". Experts: self-generated corpus (safemoe*), built-in refusals (refusal-only), PKU-SafeRLHF unsafe "
-        f"responses, {args.pku_per_domain} per domain (safemoe-pku*).",
-        "Held-out data, never trained on: built-in harmful test split (all 8 domains, 128 new tokens), "
-        "seemingly-toxic test split (seeded 100 of 150), ordinary instructions and multiple choice (test splits)"
-        + (f"; at most {args.limit} items per suite (seeded)" if args.limit else "") + ". "
-        f"Judge: `outcome-minilm` (gold test accuracy: {gold_accuracy(results)}). Informativeness: the "
-        f"informativeness-proxy score (on-topic substance, not correctness) of the replies outcome-minilm declined "
-        f"without uplift{judge_note}. `base` is evaluated once (greedy decoding of the untrained model does not depend "
-        "on the seed). Per-item outputs: <arm>-seed<N>/items.jsonl.gz; wall and CPU times: timings.json.",
-    ])
-    write_summary(results, runs, header, domains)
+    finish(results, runs, args, domains, unseen, n_safe, judge)
     log(f"done in {(time.time() - t_start) / 60:.1f} min; summary: {results / 'summary.md'}")
 
 
