@@ -493,6 +493,22 @@ def restore_evals(results: Path, runs: Path, suites: Sequence[str] = (), *, log:
     return restored
 
 
+def adopt_restored(ev: Path, dest: Path, *, arm: str, seed: int) -> None:
+    """After `restore_evals`, the committed aggregates and per-item labels follow the re-judged
+    evaluation (the same numbers under the same judge; new ones after a refit). The manifest is
+    kept: it records how the replies were generated."""
+    for name in ("metrics.json", "report.md"):
+        if (ev / name).exists():
+            shutil.copy(ev / name, dest / name)
+    save_item_outputs(ev, dest, arm=arm, seed=seed)
+
+
+def split_key(key: str) -> tuple[str, int]:
+    """"sae-residual-seed2" -> ("sae-residual", 2)."""
+    arm, _, seed = key.rpartition("-seed")
+    return arm, int(seed)
+
+
 def gold_accuracy(results: Path, suite: str = "safety") -> str:
     """The outcome judge's accuracy on the gold test split, as the runner recorded it in the first
     metrics.json of `results` that has it (every arm is judged by the same judge)."""

@@ -62,6 +62,7 @@ from common import (  # noqa: E402
     ADVBENCH,
     OUTCOME_ROWS,
     OUTCOME_SUITES,
+    adopt_restored,
     check_public_suites,
     comparison_markdown,
     copy_aggregates,
@@ -74,10 +75,12 @@ from common import (  # noqa: E402
     is_complete,
     outcome_public_suites,
     record_timing,
+    restore_evals,
     safety_sft_start,
     save_item_outputs,
     seed_comparison,
     seeds_present,
+    split_key,
     summarise,
     train,
 )
@@ -429,6 +432,9 @@ def main() -> None:
     ap.add_argument("--runs", default=None, help="raw outputs (default runs/exp-refusal-guard; not committed)")
     ap.add_argument("--results", default=None, help="aggregates (default experiments/refusal_guard/results)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override for trained arms")
+    ap.add_argument("--summarise", action="store_true",
+                    help="train and generate nothing: rebuild missing evaluation directories from the committed "
+                         "replies (results/*/items.jsonl.gz, judged again) and rewrite the summary")
     args = ap.parse_args()
     if args.quick:
         # fewer capture tokens than SAE steps x batch, so the quick run takes the full run's path:
@@ -456,7 +462,7 @@ def main() -> None:
 
     timings_path = results / "timings.json"
     new: dict[str, Any] = {}
-    for seed in args.seeds:
+    for seed in ([] if args.summarise else args.seeds):
         t0 = time.time()
         if args.quick:
             start = train("sft.yaml", runs / f"sft-start-seed{seed}", [f"seed={seed}", "training.max_steps=2"])
@@ -499,7 +505,7 @@ def main() -> None:
                 record_timing(timings_path, key, entry)
     # The leakage of earlier arms is measured against the sae arm's subspace, which exists only
     # once that arm has trained: fill it in for arms that ran before it.
-    for seed in args.seeds:
+    for seed in ([] if args.summarise else args.seeds):
         sae_sub = runs / f"sae-seed{seed}" / "guard" / "subspace.safetensors"
         for arm in arms:
             g = results / f"{arm}-seed{seed}" / "guard.json"
@@ -518,8 +524,12 @@ def main() -> None:
               "Task: MC2 on built-in truthfulness test and on "
               f"{tqa_counts['heldout_scored']} held-out TruthfulQA questions"
               + (f"; at most {args.limit} items per suite" if args.limit else "") + ".")
+    # seeds evaluated on another machine (or before runs/ was cleaned) join from their committed replies
+    for key in restore_evals(results, runs, [s for s in suites if s not in OUTCOME_SUITES], log=log):
+        arm, seed = split_key(key)
+        adopt_restored(runs / key / "eval", results / key, arm=arm, seed=seed)
     write_summary(results, runs, suite_names, header)
-    if args.quick:
+    if args.quick and not args.summarise:
         n_items = 0
         from tactful.eval.runner import load_suite_records
         from tactful.eval.suites import load_suite

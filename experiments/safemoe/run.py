@@ -63,9 +63,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import (comparison_markdown, copy_aggregates, evaluate, fmt_pooled, gold_accuracy,  # noqa: E402
+from common import (adopt_restored, comparison_markdown, copy_aggregates, evaluate, fmt_pooled, gold_accuracy,  # noqa: E402
                     is_complete, record_timing, restore_evals, save_item_outputs, seed_comparison, seeds_present,
-                    shared_base_comparison, summarise, train)
+                    shared_base_comparison, split_key, summarise, train)
 
 ARMS = ("base", "sft-n", "lora", "refusal-only", "safemoe", "safemoe-null", "safemoe-tanh", "safemoe-pku",
         "safemoe-pku-null", "safemoe-pku-tanh")
@@ -759,8 +759,9 @@ def finish(results: Path, runs: Path, args: argparse.Namespace, domains: list[st
     # seeds evaluated on another machine (or before runs/ was cleaned) join from their committed replies
     for key in restore_evals(results, runs, [SAFETY, OVER_REFUSAL], log=log):
         ev, dest = runs / key / "eval", results / key
-        safe_informativeness(ev, int(key.rsplit("-seed", 1)[1]))
-        copy_aggregates(ev, dest)
+        arm, seed = split_key(key)
+        safe_informativeness(ev, seed)
+        adopt_restored(ev, dest, arm=arm, seed=seed)
         metrics = json.loads((ev / "metrics.json").read_text())
         atomic_write_json(dest / "generalisation.json", generalisation(metrics, domains, unseen))
 

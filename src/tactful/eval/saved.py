@@ -171,6 +171,8 @@ def rejudge_saved(source: str | Path, out: str | Path, *, suites: Sequence[str] 
     ev.saved_settings = settings
     metrics = ev.run(records={s.name: records[s.name] for s in generative})
     metrics["suites"].update(kept)
+    order = [*old, *metrics["suites"]]  # the evaluation's own suite order, for reports and tables
+    metrics["suites"] = {k: metrics["suites"][k] for k in sorted(metrics["suites"], key=order.index)}
     metrics["model"] = next(iter(settings.values()))["model"] or metrics.get("model")
     metrics["rejudged_from"] = str(items_path)
     atomic_write_json(Path(out) / "metrics.json", metrics)
