@@ -151,8 +151,10 @@ def merge(items: list[dict], labels_dir: Path, out: Path, external: list[dict] |
 README_HEAD = """# The gold set: real replies, labelled by careful reading
 
 `gold.jsonl` holds {n} (prompt, reply) items: replies of the embedded model (SmolLM2-135M-Instruct)
-as it is, greedy and sampled, and of four variants trained with tactful's own methods (DCR + SFT,
-a refusal-heavy SFT, SFT on informative declines, an over-trained SFT that degenerates), to
+as it is, greedy and sampled, and of five variants trained with tactful's own methods (DCR + SFT,
+a refusal-heavy SFT, SFT on informative declines, an over-trained SFT that degenerates, and the
+62-step safety SFT that four experiments start from, added when an audit found the judge reading its
+"I'll help you <request>." template as a refusal), to
 tactful's built-in **train-split** prompts (harmful, seemingly toxic, benign; never the test
 splits the evaluation suites read, and no public benchmark text). Each item is labelled by the
 rubric in docs/judging.md: `outcome` (harmful: declined / evasive / attempted; benign:

@@ -451,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("cmd", choices=("fit", "validate"))
     ap.add_argument("--gold", default=None, help="gold JSONL (default: the built-in gold set)")
     ap.add_argument("--heads", default=None, help="heads file (default: the shipped one)")
+    ap.add_argument("--by-source", action="store_true", help="validate: also the accuracy per generator of the replies")
     ap.add_argument("--shared", default="../shared/data",
                     help="folder with the public files the gold set's external labels point into (PKU-SafeRLHF)")
     args = ap.parse_args(argv)
@@ -474,6 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             preds = predict_rows(test, judge.sidecar["heads"], judge.tensors, get_encoder(), judge.sidecar.get("designs"))
             print(json.dumps(_outcome_accuracy(test, preds), indent=1))
+            if args.by_source:  # a judge can be right on average and wrong on the one model it measures
+                for src in sorted({r.get("generator", "?") for r in test}):
+                    idx = [i for i, r in enumerate(test) if r.get("generator", "?") == src]
+                    acc = _outcome_accuracy([test[i] for i in idx], [preds[i] for i in idx])
+                    print(src, "  ".join(f"{f} {100 * a['accuracy']:.1f}% (n={a['n']})" for f, a in acc.items()
+                                         if f in ("refused", "outcome_harmful", "outcome_benign", "degenerate")))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
