@@ -195,3 +195,21 @@ def test_files_that_are_not_utf8_text_are_user_errors(tmp_path, name, data, msg)
     (tmp_path / name).write_bytes(data)
     with pytest.raises(UserError, match=msg):
         read_rows(tmp_path / name)
+
+
+def test_gzip_data_files_are_read_as_their_text(tmp_path):
+    import gzip
+
+    from tactful.data.readers import read_rows
+
+    path = tmp_path / "items.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert [r.data["prompt"] for r in read_rows(path)] == ["a", "b"]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(UserError, match=r"items.jsonl.gz:2"):
+        read_rows(path)
+    path.write_bytes(gzip.compress(b'{"prompt": "a"}\n')[:12])  # cut short
+    with pytest.raises(UserError, match="not a readable gzip file"):
+        read_rows(path)

@@ -94,10 +94,18 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
 
     A UTF-8 byte-order mark (spreadsheets write one) is dropped, and a file with a UTF-16
     byte-order mark (Windows "Unicode" text) is decoded as UTF-16: both are unambiguous.
-    Anything else must be UTF-8; binary files (NUL bytes) are refused as such.
+    Anything else must be UTF-8; binary files (NUL bytes) are refused as such. A gzip file is
+    read as the text it holds.
     """
     path = Path(path)
     data = path.read_bytes()
+    if data.startswith(b"\x1f\x8b"):  # gzip (e.g. an experiment's items.jsonl.gz): its text, decompressed
+        import gzip
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise UserError(f"{what} {path} is not a readable gzip file ({e})") from None
     if data.startswith(_UTF16_BOMS):
         try:
             return data.decode("utf-16")

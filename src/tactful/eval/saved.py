@@ -11,7 +11,6 @@ only judges.
 
 from __future__ import annotations
 
-import gzip
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -31,23 +30,12 @@ def is_saved_items(source: str | Path) -> bool:
 
 
 def read_saved_items(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"not valid JSON ({e.msg})", where=f"{path}:{n}") from None
-                for key in ("suite", "id"):
-                    if not isinstance(row, dict) or key not in row:
-                        raise UserError(f"missing field {key!r}", where=f"{path}:{n}")
-                rows.append(row)
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: not a readable gzip file ({e})") from None
-    return rows
+    from tactful.data.readers import read_rows
+
+    rows = read_rows(path, fmt="jsonl")  # gzip is read transparently; bad lines name the file and line
+    for row in rows:
+        row.require("suite"), row.require("id")
+    return [row.data for row in rows]
 
 
 def _suite_for(name: str, given: dict[str, Any]) -> Any:
