@@ -3,6 +3,8 @@
     python experiments/dcr/run.py --seeds 0                 # every arm, seed 0 (see README for the time)
     python experiments/dcr/run.py --seeds 1 --arms sft stl-aug dcr dcr-late-layer dcr-mean-pool dcr-converged
     python experiments/dcr/run.py --quick --arms sft dcr --runs /tmp/dcr-quick   # smoke test
+    python experiments/dcr/run.py --summarise               # trains and generates nothing
+    python experiments/dcr/run.py --summarise --runs /tmp/dcr-rejudge   # every arm judged again
 
 Arms, on the embedded model (SmolLM2-135M-Instruct), every trained arm with the same SFT data and
 the same number of SFT steps (recipes/sft.yaml; `--steps`):
@@ -31,7 +33,10 @@ Raw outputs go to runs/exp-dcr/ (not committed; `sft-seed<N>` there is also the 
 the TRACE and ShaPO experiments); experiments/dcr/results/ gets per arm and seed the aggregates,
 per-item outputs (items.jsonl.gz: prompt id, response, outcome; no prompt text) and the stage-1
 diagnostics and loss log, plus timings.json, comparisons.json and summary.md. Finished arms and
-evaluations are skipped, so seeds can run in separate processes into the same folders.
+evaluations are skipped, so seeds can run in separate processes into the same folders. Every run
+first rebuilds the evaluation of any committed arm that runs/ lacks (a seed run on another machine)
+from its committed replies, judged again (`tactful eval --rejudge`): so `--summarise` rewrites the
+summary from the committed replies alone, and with an empty `--runs` it re-judges every arm.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import (ADVBENCH, OUTCOME_ROWS, OUTCOME_SUITES, XSTEST_SAFE, check_public_suites,  # noqa: E402
                     comparison_markdown, copy_aggregates, evaluate, fmt_pooled, gold_accuracy, is_complete,
-                    outcome_public_suites,
+                    outcome_public_suites, adopt_restored, restore_evals, split_key,
                     record_timing, save_item_outputs, seed_comparison, seeds_present, shared_base_comparison,
                     summarise, train)
 
@@ -279,6 +284,9 @@ def main() -> None:
                     help="smoke test: 2 SFT and 2 stage-1 steps, 4 items per suite (use with --runs/--results "
                          "outside the committed folders)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override for the trained arms")
+    ap.add_argument("--summarise", action="store_true",
+                    help="train and generate nothing: rebuild missing evaluation directories from the committed "
+                         "replies (results/*/items.jsonl.gz, judged again) and rewrite the summary")
     args = ap.parse_args()
     stage1_cap = None
     if args.quick:
@@ -290,6 +298,15 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
     suites = write_suites(runs)
+
+    # seeds evaluated on another machine (or before runs/ was cleaned) join from their committed replies
+    for key in restore_evals(results, runs, [s for s in suites if s not in OUTCOME_SUITES],
+                             log=lambda m: print(m, flush=True)):
+        arm, seed = split_key(key)
+        adopt_restored(runs / key / "eval", results / key, arm=arm, seed=seed)
+    if args.summarise:
+        write_summary(runs, results, args)
+        return
 
     est, per_arm = estimate_s(runs, list(args.arms), args.seeds, args.steps, suites, args.limit)
     print(f"arms {', '.join(args.arms)} x seeds {', '.join(map(str, args.seeds))}; estimated time on 2 free cores "
