@@ -53,17 +53,21 @@ sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     ADVBENCH,
     OUTCOME_ROWS,
+    OUTCOME_SUITES,
     TWO_CORE_SPEEDUP,
+    adopt_restored,
     check_public_suites,
     comparison_markdown,
     copy_aggregates,
     gold_accuracy,
     evaluate,
     is_complete,
+    restore_evals,
     safety_sft_start,
     save_item_outputs,
     seed_comparison,
     seeds_present,
+    split_key,
     summarise,
     train,
 )
@@ -357,6 +361,9 @@ def main() -> None:
     ap.add_argument("--judge-model", default=None)
     ap.add_argument("--judge-key-env", default="OPENAI_API_KEY")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra recipe override for every arm")
+    ap.add_argument("--summarise", action="store_true",
+                    help="train and generate nothing: rebuild missing evaluation directories from the committed "
+                         "replies (results/*/items.jsonl.gz, judged again) and rewrite the summary of --seeds")
     args = ap.parse_args()
     if args.judge_url and not args.judge_model:
         sys.exit("error: --judge-url needs --judge-model")
@@ -403,16 +410,22 @@ def main() -> None:
               f"~{full_cpu / TWO_CORE_SPEEDUP / 60:.0f} min on 2 free cores")
         return
 
-    est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval,
-                     args.probe_data, probe_info["distinct_responses"] if probe_info else 0, args.shapo_perturbation)
-    print(f"{len(args.arms) * len(args.noise) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
-          f"estimated time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
+    # seeds evaluated on another machine (or before runs/ was cleaned) join from their committed replies
+    for key in restore_evals(results, runs, [s for s in suites if s not in OUTCOME_SUITES]):
+        arm, seed = split_key(key)
+        adopt_restored(runs / key / "eval", results / key, arm=arm, seed=seed)
+
+    if not args.summarise:
+        est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval,
+                         args.probe_data, probe_info["distinct_responses"] if probe_info else 0, args.shapo_perturbation)
+        print(f"{len(args.arms) * len(args.noise) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
+              f"estimated time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     pert = args.shapo_perturbation
     arms = [arm_name(m, n, args.probe_data, pert) for n in args.noise for m in args.arms]
-    for seed in args.seeds:
+    for seed in ([] if args.summarise else args.seeds):
         start = start_of(seed)
         if not args.no_start_eval:
             t0 = time.time()
