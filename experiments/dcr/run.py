@@ -19,9 +19,12 @@ the same number of SFT steps (recipes/sft.yaml; `--steps`):
     dcr-mean-pool   stage 1 pools the mean over the prompt's tokens
     dcr-converged   stage 1 for 8 epochs instead of 2
     sft-declines    an SFT that over-refuses, so that there is over-refusal for DCR to cut: the demo
-                    recipe search's `sft-own-declines-h65` (one-sentence declines for harmful prompts,
-                    the model's own helpful replies for benign ones, 65% harmful, lr 5e-4, 40 steps;
-                    it refused 24.6% of the dev split's benign prompts, base 1.4%)
+                    recipe search's `sft-declines-anchors` (one-sentence declines for harmful prompts;
+                    the model's own helpful replies, the built-in ordinary answers and seemingly-toxic
+                    answers for the rest; lr 5e-4, 40 steps). Careful reading of its replies to
+                    held-out prompts: 97.5% of harmful requests declined, 72.5% of seemingly-toxic
+                    and 32.5% of ordinary ones refused (experiments/demo_recipe/results/
+                    audit-sft-declines-anchors.json, n=40 each)
     dcr-declines    stage 1 of `dcr`, then the SFT of `sft-declines`
 The three new DCR arms each change ONE stage-1 setting of `dcr` (DCR_SETTINGS says why); their
 matched baselines are `sft` (same SFT, no stage 1) and `stl-aug` (the data-side fix for the same
@@ -69,12 +72,12 @@ from common import (ADVBENCH, OUTCOME_ROWS, OUTCOME_SUITES, XSTEST_SAFE, check_p
 ARMS = ("base", "sft", "stl-aug", "dcr", "dcr-late-layer", "dcr-mean-pool", "dcr-converged", "sft-declines",
         "dcr-declines")
 BASELINES = ("sft", "stl-aug")  # every DCR_SETTINGS arm is compared with each, seed by seed
-# The over-refusing SFT (experiments/demo_recipe/search.py, `sft-own-declines-h65`): the committed
+# The over-refusing SFT (experiments/demo_recipe/search.py, `sft-declines-anchors`): the committed
 # `sft` refuses only ~6% of seemingly-toxic prompts, which leaves the claim's +10 points of compliance
-# out of reach whatever stage 1 does; this SFT refused 24.6% of the dev split's benign prompts.
-DECLINES_SFT = ["data.benign=[builtin-own-helpful]", "data.refusals=[builtin-declines]", "data.harmful_fraction=0.65",
-                "training.max_length=192", "training.group_by_length=true", "training.max_steps=40",
-                "training.learning_rate=5.0e-4"]
+# out of reach whatever stage 1 does; by careful reading this SFT refuses 72.5% of them.
+DECLINES_SFT = ["data.benign=[builtin-own-helpful, builtin-benign]", "data.refusals=[builtin-declines]",
+                "data.extra=[builtin-seemingly-toxic-answers]", "training.max_length=192",
+                "training.group_by_length=true", "training.max_steps=40", "training.learning_rate=5.0e-4"]
 DECLINES_PAIR = {"dcr-declines": "sft-declines"}  # DCR arm -> its matched SFT
 # Stage-1 settings of each DCR arm on top of recipes/dcr.yaml, the ones the first run's notes list as
 # untried, one change per arm so a difference can be put down to it:
