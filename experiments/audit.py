@@ -3,14 +3,19 @@
     python experiments/audit.py batch --out runs/audit/NAME --eval ARM=EVAL_DIR ... --n 20
     (annotators label runs/audit/NAME/batch.jsonl by docs/judging.md into labels_*.jsonl)
     python experiments/audit.py score --out runs/audit/NAME --results experiments/X/results/audit-NAME
+    python experiments/audit.py batch ... --paired          # the same prompts in every arm
+    python experiments/audit.py score ... --compare ARM=BASELINE   # reading's paired difference
 
 The judge (outcome-minilm) was validated on replies of the embedded model and four trained
 variants; a method can teach a model to write in new ways (a refusal template, off-topic filler),
 so its verdicts on each experiment's replies are checked here. `batch` draws `--n` items per arm
 and prompt kind (harmful / seemingly toxic / ordinary) from evaluation directories (tactful eval
 --out), shuffled, without arm names or verdicts; `key.json` maps the anonymous item ids back.
+With `--paired` every arm gets the same prompts, so that reading can compare arms item by item.
 `score` measures the judge against the labels, per arm and flag, and reports what careful reading
-says the rates are. Labels are kept by item key (arm, suite, id) with no prompt text (public
+says the rates are; `--compare ARM=BASELINE` adds reading's paired difference (ARM − BASELINE on
+the items read in both, bootstrap 95% CI). Arms named `<name>-seed<N>` compare seed by seed,
+pooled: `--compare dcr=sft` pairs dcr-seed0 with sft-seed0, dcr-seed1 with sft-seed1, ... Labels are kept by item key (arm, suite, id) with no prompt text (public
 prompts stay out of the repository): <results>-labels.jsonl and <results>.json.
 """
 
@@ -48,17 +53,28 @@ def eval_items(eval_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0) -> Path:
+def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: bool = False) -> Path:
     """Write out/batch.jsonl (anonymous, shuffled) and out/key.json."""
     rng = random.Random(seed)
     chosen = []
+    per_arm = {}
     for arm, d in evals.items():
-        items = eval_items(d)
-        if not items:
+        per_arm[arm] = eval_items(d)
+        if not per_arm[arm]:
             die(f"{d}: no evaluated items (give the --out directory of an evaluation)")
+    if paired:
+        # one draw per kind among the prompts every arm answered, then that prompt's reply in each arm
         for kind in OUTCOMES:
-            pool = [it for it in items if it["kind"] == kind]
-            chosen += [{**it, "arm": arm} for it in rng.sample(pool, min(n, len(pool)))]
+            common = set.intersection(*({(it["suite"], it["id"]) for it in items if it["kind"] == kind}
+                                        for items in per_arm.values()))
+            picks = set(rng.sample(sorted(common), min(n, len(common))))
+            for arm, items in per_arm.items():
+                chosen += [{**it, "arm": arm} for it in items if (it["suite"], it["id"]) in picks]
+    else:
+        for arm, items in per_arm.items():
+            for kind in OUTCOMES:
+                pool = [it for it in items if it["kind"] == kind]
+                chosen += [{**it, "arm": arm} for it in rng.sample(pool, min(n, len(pool)))]
     rng.shuffle(chosen)
     out.mkdir(parents=True, exist_ok=True)
     key: dict[str, Any] = {f"a{k:04d}": {"arm": it["arm"], "suite": it["suite"], "id": it["id"]}
@@ -69,7 +85,8 @@ def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0) -> Path:
         for k, it in enumerate(chosen):
             f.write(json.dumps({"item_id": f"a{k:04d}", "prompt_type": it["kind"], "prompt": it["prompt"],
                                 "response": it["response"]}, ensure_ascii=False) + "\n")
-    print(f"{out / 'batch.jsonl'}: {len(chosen)} items ({n} per arm and prompt kind)")
+    print(f"{out / 'batch.jsonl'}: {len(chosen)} items ({n} per arm and prompt kind"
+          f"{', the same prompts in every arm' if paired else ''})")
     return out / "batch.jsonl"
 
 
@@ -93,8 +110,40 @@ def read_labels(paths: list[Path], key: dict[str, Any]) -> dict[str, dict[str, A
     return labels
 
 
-def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, meta: dict[str, Any] | None = None
-          ) -> dict[str, Any]:
+def _seed_pairs(arm: str, baseline: str, arms: set[str]) -> list[tuple[str, str]]:
+    """(arm, baseline) names to compare: the exact names, or every `-seed<N>` both have."""
+    if arm in arms and baseline in arms:
+        return [(arm, baseline)]
+    return sorted((a, baseline + a[len(arm):]) for a in arms
+                  if a.startswith(arm + "-seed") and a[len(arm) + 5:].isdigit() and baseline + a[len(arm):] in arms)
+
+
+def paired_reading(rows: list[dict[str, Any]], arm: str, baseline: str) -> dict[str, Any]:
+    """Reading's ARM − BASELINE per prompt kind and outcome, over the prompts read in both (per seed)."""
+    from tactful.eval.metrics import paired_difference
+
+    pairs = _seed_pairs(arm, baseline, {r["arm"] for r in rows})
+    if not pairs:
+        die(f"--compare {arm}={baseline}: no such arms (or seed-matched arms) in the labels")
+    by = {(r["arm"], r["suite"], r["id"]): r for r in rows}
+    out: dict[str, Any] = {"arm": arm, "baseline": baseline, "pairs": [list(p) for p in pairs]}
+    for kind, outs in OUTCOMES.items():
+        matched = [(by[(a, s, i)], r) for a, b in pairs for (x, s, i), r in by.items()
+                   if x == b and r["kind"] == kind and (a, s, i) in by]
+        if not matched:
+            continue
+        flags = {o: (lambda r, o=o: r["outcome"] == o) for o in outs}
+        flags["degenerate"] = lambda r: r["degenerate"]
+        if kind == "harmful":
+            flags["uplift"] = lambda r: r["uplift"]
+        out[kind] = {"n": len(matched), **{f: paired_difference([float(fn(x)) for x, _ in matched],
+                                                                [float(fn(y)) for _, y in matched]).to_dict()
+                                         for f, fn in flags.items()}}
+    return out
+
+
+def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, meta: dict[str, Any] | None = None,
+          compare: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """Judge vs careful reading, per arm and flag; writes <results>.json and <results>-labels.jsonl."""
     from tactful.eval.metrics import rate
 
@@ -142,6 +191,8 @@ def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, met
         for r in rows_out:
             f.write(json.dumps(r) + "\n")
     doc = {**(meta or {}), "judge": "outcome-minilm", "judge_agreement": summary, "careful_reading": read}
+    if compare:
+        doc["paired_reading"] = [paired_reading(rows_out, a, b) for a, b in compare]
     results.with_name(results.name + ".json").write_text(json.dumps(doc, indent=2))
     for arm, fs in summary.items():
         print(arm, "  ".join(f"{f} {100 * e['value']:.0f}% [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}] "
@@ -150,6 +201,13 @@ def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, met
         for kind, r in ks.items():
             print(arm, kind, "  ".join(f"{o} {100 * r[o]['value']:.0f}%" for o in (*OUTCOMES[kind], "degenerate")),
                   f"n={r['n']}")
+    for c in doc.get("paired_reading", []):
+        for kind in OUTCOMES:
+            if kind in c:
+                e = c[kind]
+                print(f"reading {c['arm']} − {c['baseline']}, {kind} (n={e['n']}): " + "  ".join(
+                    f"{f} {100 * e[f]['value']:+.1f} [{100 * e[f]['ci_low']:+.1f}, {100 * e[f]['ci_high']:+.1f}]"
+                    for f in e if f != "n"))
     return doc
 
 
@@ -168,15 +226,24 @@ def main() -> None:
     b.add_argument("--eval", action="append", required=True, help="ARM=EVAL_DIR, once per arm")
     b.add_argument("--n", type=int, default=20, help="items per arm and prompt kind")
     b.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    b.add_argument("--paired", action="store_true", help="the same prompts in every arm (for --compare)")
     sc = sub.add_parser("score")
     sc.add_argument("--out", required=True, type=Path)
     sc.add_argument("--results", required=True, type=Path,
                     help="committed results stem: writes <stem>.json and <stem>-labels.jsonl")
+    sc.add_argument("--compare", action="append", default=[],
+                    help="ARM=BASELINE: reading's paired difference (arms named <name>-seed<N> pair seed by seed)")
     a = ap.parse_args()
     if a.cmd == "batch":
-        batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed)
+        batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired)
     else:
-        score(a.out, a.results)
+        compare = []
+        for c in a.compare:
+            arm, sep, baseline = c.partition("=")
+            if not sep or not arm or not baseline:
+                die(f"--compare {c!r}: give ARM=BASELINE")
+            compare.append((arm, baseline))
+        score(a.out, a.results, compare=compare)
 
 
 if __name__ == "__main__":

@@ -138,3 +138,46 @@ def test_one_shared_baseline_pairs_with_every_seed(tmp_path):
     assert row["paired"]["delta"] == pytest.approx(0.3)
     assert common.seeds_present(tmp_path, ["arm", "base"]) == [0, 1]
     assert "### arm − base (seeds 0, 1)" in common.comparison_markdown(c)
+
+
+def test_declines_pair_shares_one_sft_and_dcr_declines_keeps_the_default_stage1(dcr_exp):
+    from tactful.methods.registry import load_recipe
+
+    _, sft = load_recipe(str(ROOT / "recipes" / "sft.yaml"), dcr_exp.DECLINES_SFT)
+    _, dcr = load_recipe(str(ROOT / "recipes" / "dcr.yaml"), [f"sft.{o}" for o in dcr_exp.DECLINES_SFT])
+    _, default = load_recipe(str(ROOT / "recipes" / "dcr.yaml"))
+    assert dcr.sft.data == sft.data and dcr.sft.training == sft.training  # the pair differs by stage 1 only
+    assert dcr.stage1 == default.stage1
+    assert sft.data.refusals == ["builtin-declines"] and sft.training.max_steps == 40
+    assert dcr_exp.DECLINES_PAIR == {"dcr-declines": "sft-declines"}
+
+
+# ---------------------------------------------------------------- careful-reading audits
+
+
+def test_paired_audit_reads_the_same_prompts_in_every_arm_and_compares_seed_by_seed(tmp_path):
+    import audit
+
+    verdicts = {f"h{i}": {"refused": i % 2 == 0} for i in range(6)}
+    evals = {}
+    for arm in ("dcr-seed0", "sft-seed0", "dcr-seed1", "sft-seed1"):
+        evals[arm] = _eval_dir(tmp_path / arm, "safety", verdicts)
+    out = tmp_path / "audit"
+    audit.batch(evals, out, n=3, seed=1, paired=True)
+    key = json.loads((out / "key.json").read_text())
+    ids = {arm: sorted(k["id"] for iid, k in key.items() if not iid.startswith("_") and k["arm"] == arm)
+           for arm in evals}
+    assert len(ids["dcr-seed0"]) == 3 and all(v == ids["dcr-seed0"] for v in ids.values())
+    # reading: dcr declines every prompt, sft none of them (so dcr − sft = +100 points)
+    with open(out / "labels_a.jsonl", "w") as f:
+        for iid, k in key.items():
+            if not iid.startswith("_"):
+                outcome = "declined" if k["arm"].startswith("dcr") else "attempted"
+                f.write(json.dumps({"item_id": iid, "outcome": outcome, "degenerate": False}) + "\n")
+    doc = audit.score(out, tmp_path / "res" / "audit-x", compare=[("dcr", "sft")])
+    (c,) = doc["paired_reading"]
+    assert c["pairs"] == [["dcr-seed0", "sft-seed0"], ["dcr-seed1", "sft-seed1"]]
+    assert c["harmful"]["n"] == 6 and c["harmful"]["declined"]["value"] == 1.0
+    assert c["harmful"]["attempted"]["value"] == -1.0
+    with pytest.raises(SystemExit):
+        audit.score(out, tmp_path / "res" / "audit-y", compare=[("nope", "sft")])
