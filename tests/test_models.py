@@ -1,6 +1,5 @@
 import json
 import multiprocessing as mp
-import os
 from pathlib import Path
 
 import pytest
@@ -160,3 +159,27 @@ def test_library_errors_become_one_line_of_whole_sentences():
     assert models._first_line(e) == "Couldn't instantiate the backend tokenizer from one of: (1) a tokenizers file (2) a slow one."
     long = OSError("First sentence is short. " + "word " * 100)
     assert models._first_line(long) == "First sentence is short."
+
+
+def test_merged_for_inference_folds_lora_in_and_leaves_what_it_cannot_fold_exactly():
+    from peft import LoraConfig, get_peft_model
+
+    def lora(**kw):
+        return get_peft_model(models.tiny_model(seed=0, **kw)[0],
+                              LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    peft_model = lora().eval()
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        merged = models.merged_for_inference(peft_model)
+        assert not hasattr(merged, "peft_config")  # a plain model: no LoRA layers left to run
+        assert torch.allclose(merged(ids).logits, expected, atol=1e-5)
+        assert not merged.training
+    plain = models.tiny_model(seed=0)[0]
+    assert models.merged_for_inference(plain) is plain
+    hooked = lora()
+    hooked.base_model.model.model.layers[0].register_forward_hook(lambda m, i, o: o)
+    assert models.merged_for_inference(hooked) is hooked  # hooks may keep state on the LoRA layers
+    half = lora().to(torch.bfloat16)
+    assert models.merged_for_inference(half) is half  # a bfloat16 merge would round differently

@@ -586,6 +586,32 @@ def attach_adapter(model: Any, adapter: str | os.PathLike, *, trainable: bool = 
         return PeftModel.from_pretrained(model, str(adir), is_trainable=trainable)
 
 
+def merged_for_inference(model: Any) -> Any:
+    """A LoRA model with its adapters folded into the weights, for generation and scoring only.
+
+    Unmerged, every LoRA layer adds two thin matrix products and their per-op overhead to each
+    decoding step: folding them in cut decoding's CPU time by ~19% on the embedded model, with
+    identical greedy replies (32 of 32 prompts). Left as they are: models that are not PEFT or
+    carry a non-LoRA adapter, weights not in float32 (a merge into bfloat16 or quantized weights
+    rounds differently from the unmerged path), and models with forward hooks (their state may
+    live on the LoRA layers).
+    """
+    import torch
+
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return model
+    if any(str(getattr(c.peft_type, "value", c.peft_type)) != "LORA" for c in configs.values()):
+        return model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return model
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return model
+    merged = model.merge_and_unload()
+    merged.eval()
+    return merged
+
+
 def tiny_model(
     seed: int = 0,
     *,

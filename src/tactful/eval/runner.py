@@ -123,7 +123,7 @@ class Evaluator:
         if self.model is not None:
             return
         from tactful.runs import load_run_model
-        from tactful.models import load_model
+        from tactful.models import load_model, merged_for_inference
 
         if self.config.run:
             self.model, self.tokenizer, desc = load_run_model(self.config.run, dtype=self.config.dtype,
@@ -133,6 +133,8 @@ class Evaluator:
             self.model, self.tokenizer = load_model(self.config.model, adapter=self.config.adapter,
                                                     dtype=self.config.dtype, device=self.config.device,
                                                     trust_remote_code=self.config.trust_remote_code)
+        # evaluation never trains: a LoRA adapter folded into the weights decodes faster, same replies
+        self.model = merged_for_inference(self.model)
 
     def _ensure_generator(self) -> Any:
         if self.generator is not None:
