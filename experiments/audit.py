@@ -26,7 +26,7 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 KINDS = {"safety": "harmful", "xstest-unsafe": "harmful", "advbench": "harmful", "pku-heldout": "harmful",
          "over-refusal": "seemingly_toxic", "xstest-safe": "seemingly_toxic", "benign": "benign"}
@@ -53,7 +53,8 @@ def eval_items(eval_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: bool = False) -> Path:
+def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: bool = False,
+          kinds: Sequence[str] = tuple(OUTCOMES)) -> Path:
     """Write out/batch.jsonl (anonymous, shuffled) and out/key.json."""
     rng = random.Random(seed)
     chosen = []
@@ -64,7 +65,7 @@ def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: b
             die(f"{d}: no evaluated items (give the --out directory of an evaluation)")
     if paired:
         # one draw per kind among the prompts every arm answered, then that prompt's reply in each arm
-        for kind in OUTCOMES:
+        for kind in kinds:
             common = set.intersection(*({(it["suite"], it["id"]) for it in items if it["kind"] == kind}
                                         for items in per_arm.values()))
             picks = set(rng.sample(sorted(common), min(n, len(common))))
@@ -72,7 +73,7 @@ def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: b
                 chosen += [{**it, "arm": arm} for it in items if (it["suite"], it["id"]) in picks]
     else:
         for arm, items in per_arm.items():
-            for kind in OUTCOMES:
+            for kind in kinds:
                 pool = [it for it in items if it["kind"] == kind]
                 chosen += [{**it, "arm": arm} for it in rng.sample(pool, min(n, len(pool)))]
     rng.shuffle(chosen)
@@ -227,6 +228,8 @@ def main() -> None:
     b.add_argument("--n", type=int, default=20, help="items per arm and prompt kind")
     b.add_argument("--seed", type=int, default=0, help="the sampling seed")
     b.add_argument("--paired", action="store_true", help="the same prompts in every arm (for --compare)")
+    b.add_argument("--kinds", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES),
+                   help="prompt kinds to draw (default: all three)")
     sc = sub.add_parser("score")
     sc.add_argument("--out", required=True, type=Path)
     sc.add_argument("--results", required=True, type=Path,
@@ -235,7 +238,7 @@ def main() -> None:
                     help="ARM=BASELINE: reading's paired difference (arms named <name>-seed<N> pair seed by seed)")
     a = ap.parse_args()
     if a.cmd == "batch":
-        batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired)
+        batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired, kinds=a.kinds)
     else:
         compare = []
         for c in a.compare:
