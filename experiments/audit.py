@@ -54,8 +54,9 @@ def eval_items(eval_dir: Path) -> list[dict[str, Any]]:
 
 
 def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: bool = False,
-          kinds: Sequence[str] = tuple(OUTCOMES)) -> Path:
-    """Write out/batch.jsonl (anonymous, shuffled) and out/key.json."""
+          kinds: Sequence[str] = tuple(OUTCOMES), exclude: Sequence[Path] = ()) -> Path:
+    """Write out/batch.jsonl (anonymous, shuffled) and out/key.json. `exclude`: earlier audit
+    folders whose prompts are not drawn again (so that a second batch adds new prompts)."""
     rng = random.Random(seed)
     chosen = []
     per_arm = {}
@@ -63,6 +64,13 @@ def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: b
         per_arm[arm] = eval_items(d)
         if not per_arm[arm]:
             die(f"{d}: no evaluated items (give the --out directory of an evaluation)")
+    seen = set()
+    for d in exclude:
+        if not (d / "key.json").is_file():
+            die(f"--exclude {d}: no key.json (not an audit folder)")
+        seen |= {(k["suite"], k["id"]) for iid, k in json.loads((d / "key.json").read_text()).items()
+                 if not iid.startswith("_")}
+    per_arm = {arm: [it for it in items if (it["suite"], it["id"]) not in seen] for arm, items in per_arm.items()}
     if paired:
         # one draw per kind among the prompts every arm answered, then that prompt's reply in each arm
         for kind in kinds:
@@ -230,6 +238,7 @@ def main() -> None:
     b.add_argument("--paired", action="store_true", help="the same prompts in every arm (for --compare)")
     b.add_argument("--kinds", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES),
                    help="prompt kinds to draw (default: all three)")
+    b.add_argument("--exclude", nargs="+", type=Path, default=[], help="earlier audit folders: draw other prompts")
     sc = sub.add_parser("score")
     sc.add_argument("--out", required=True, type=Path)
     sc.add_argument("--results", required=True, type=Path,
@@ -238,7 +247,8 @@ def main() -> None:
                     help="ARM=BASELINE: reading's paired difference (arms named <name>-seed<N> pair seed by seed)")
     a = ap.parse_args()
     if a.cmd == "batch":
-        batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired, kinds=a.kinds)
+        batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired, kinds=a.kinds,
+              exclude=a.exclude)
     else:
         compare = []
         for c in a.compare:

@@ -181,3 +181,8 @@ def test_paired_audit_reads_the_same_prompts_in_every_arm_and_compares_seed_by_s
     assert c["harmful"]["attempted"]["value"] == -1.0
     with pytest.raises(SystemExit):
         audit.score(out, tmp_path / "res" / "audit-y", compare=[("nope", "sft")])
+    # a second batch draws the prompts the first one did not
+    audit.batch(evals, tmp_path / "audit2", n=6, seed=2, paired=True, exclude=[out])
+    key2 = json.loads((tmp_path / "audit2" / "key.json").read_text())
+    ids2 = {k["id"] for iid, k in key2.items() if not iid.startswith("_")}
+    assert ids2 == {f"h{i}" for i in range(6)} - set(ids["dcr-seed0"])
