@@ -5,6 +5,7 @@
     python experiments/audit.py score --out runs/audit/NAME --results experiments/X/results/audit-NAME
     python experiments/audit.py batch ... --paired          # the same prompts in every arm
     python experiments/audit.py score ... --compare ARM=BASELINE   # reading's paired difference
+    python experiments/audit.py pooled --labels STEM ... --compare ARM=BASELINE --results OUT.json
 
 The judge (outcome-minilm) was validated on replies of the embedded model and four trained
 variants; a method can teach a model to write in new ways (a refusal template, off-topic filler),
@@ -15,7 +16,9 @@ With `--paired` every arm gets the same prompts, so that reading can compare arm
 `score` measures the judge against the labels, per arm and flag, and reports what careful reading
 says the rates are; `--compare ARM=BASELINE` adds reading's paired difference (ARM − BASELINE on
 the items read in both, bootstrap 95% CI). Arms named `<name>-seed<N>` compare seed by seed,
-pooled: `--compare dcr=sft` pairs dcr-seed0 with sft-seed0, dcr-seed1 with sft-seed1, ... Labels are kept by item key (arm, suite, id) with no prompt text (public
+pooled: `--compare dcr=sft` pairs dcr-seed0 with sft-seed0, dcr-seed1 with sft-seed1, ...
+`pooled` does the same over several committed audits (their <stem>-labels.jsonl; an item read
+twice counts once) and puts the judge's paired difference on the same items beside reading's. Labels are kept by item key (arm, suite, id) with no prompt text (public
 prompts stay out of the repository): <results>-labels.jsonl and <results>.json.
 """
 
@@ -151,6 +154,66 @@ def paired_reading(rows: list[dict[str, Any]], arm: str, baseline: str) -> dict[
     return out
 
 
+def judge_paired(rows: list[dict[str, Any]], arm: str, baseline: str) -> dict[str, Any]:
+    """The judge's ARM − BASELINE on the items reading compared (its refused flag = declined / refused)."""
+    from tactful.eval.metrics import paired_difference
+
+    pairs = _seed_pairs(arm, baseline, {r["arm"] for r in rows})
+    by = {(r["arm"], r["suite"], r["id"]): r for r in rows}
+    out: dict[str, Any] = {}
+    for kind in OUTCOMES:
+        matched = [(by[(a, s, i)], r) for a, b in pairs for (x, s, i), r in by.items()
+                   if x == b and r["kind"] == kind and (a, s, i) in by]
+        if matched:
+            flag = "declined" if kind == "harmful" else "refused"
+            out[kind] = {"n": len(matched), flag: paired_difference(
+                [float(x["judge"]["refused"]) for x, _ in matched], [float(y["judge"]["refused"]) for _, y in matched]
+            ).to_dict()}
+    return out
+
+
+def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> dict[str, Any]:
+    """Reading's and the judge's paired differences over several committed audits."""
+    from tactful.eval.metrics import rate
+
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for stem in stems:
+        path = stem.with_name(stem.name + "-labels.jsonl")
+        if not path.is_file():
+            die(f"{path} not found (give the stem that `score --results` wrote)")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                    rows.setdefault((r["arm"], r["suite"], r["id"]), r)
+                except (json.JSONDecodeError, KeyError) as e:
+                    die(f"{path}:{n}: not a label row ({e})")
+    rs = list(rows.values())
+    read = {}
+    for arm in sorted({r["arm"] for r in rs}):
+        for kind, outs in OUTCOMES.items():
+            sel = [r for r in rs if r["arm"] == arm and r["kind"] == kind]
+            if sel:
+                read.setdefault(arm, {})[kind] = {
+                    "n": len(sel), **{o: rate([r["outcome"] == o for r in sel]).to_dict() for o in outs},
+                    "judge_" + ("declined" if kind == "harmful" else "refused"):
+                        rate([bool(r["judge"]["refused"]) for r in sel]).to_dict()}
+    doc = {"audits": [str(s) for s in stems], "careful_reading": read,
+           "paired": [{**paired_reading(rs, a, b), "judge": judge_paired(rs, a, b)} for a, b in compare]}
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=2))
+    for c in doc["paired"]:
+        for kind in OUTCOMES:
+            if kind in c:
+                e, j = c[kind], c["judge"][kind]
+                flag = "declined" if kind == "harmful" else "refused"
+                print(f"{c['arm']} − {c['baseline']}, {kind} (n={e['n']}): reading {flag} "
+                      f"{100 * e[flag]['value']:+.1f} [{100 * e[flag]['ci_low']:+.1f}, {100 * e[flag]['ci_high']:+.1f}], "
+                      f"judge {100 * j[flag]['value']:+.1f} [{100 * j[flag]['ci_low']:+.1f}, {100 * j[flag]['ci_high']:+.1f}]")
+    print(f"wrote {results}")
+    return doc
+
+
 def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, meta: dict[str, Any] | None = None,
           compare: list[tuple[str, str]] = ()) -> dict[str, Any]:
     """Judge vs careful reading, per arm and flag; writes <results>.json and <results>-labels.jsonl."""
@@ -220,6 +283,13 @@ def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, met
     return doc
 
 
+def _pair_arg(text: str) -> tuple[str, str]:
+    arm, sep, baseline = text.partition("=")
+    if not sep or not arm or not baseline:
+        die(f"--compare {text!r}: give ARM=BASELINE")
+    return arm, baseline
+
+
 def _eval_arg(text: str) -> tuple[str, Path]:
     arm, sep, path = text.partition("=")
     if not sep or not arm or not path:
@@ -245,18 +315,19 @@ def main() -> None:
                     help="committed results stem: writes <stem>.json and <stem>-labels.jsonl")
     sc.add_argument("--compare", action="append", default=[],
                     help="ARM=BASELINE: reading's paired difference (arms named <name>-seed<N> pair seed by seed)")
+    po = sub.add_parser("pooled")
+    po.add_argument("--labels", nargs="+", required=True, type=Path, help="committed audit stems (as score --results)")
+    po.add_argument("--compare", action="append", required=True, help="ARM=BASELINE")
+    po.add_argument("--results", required=True, type=Path, help="JSON file to write")
     a = ap.parse_args()
+    if a.cmd == "pooled":
+        pooled(a.labels, [_pair_arg(c) for c in a.compare], a.results)
+        return
     if a.cmd == "batch":
         batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired, kinds=a.kinds,
               exclude=a.exclude)
     else:
-        compare = []
-        for c in a.compare:
-            arm, sep, baseline = c.partition("=")
-            if not sep or not arm or not baseline:
-                die(f"--compare {c!r}: give ARM=BASELINE")
-            compare.append((arm, baseline))
-        score(a.out, a.results, compare=compare)
+        score(a.out, a.results, compare=[_pair_arg(c) for c in a.compare])
 
 
 if __name__ == "__main__":

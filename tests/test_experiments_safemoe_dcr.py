@@ -181,6 +181,10 @@ def test_paired_audit_reads_the_same_prompts_in_every_arm_and_compares_seed_by_s
     assert c["harmful"]["attempted"]["value"] == -1.0
     with pytest.raises(SystemExit):
         audit.score(out, tmp_path / "res" / "audit-y", compare=[("nope", "sft")])
+    # pooled over committed audits: reading's difference beside the judge's on the same items
+    pooled = audit.pooled([tmp_path / "res" / "audit-x"], [("dcr", "sft")], tmp_path / "res" / "pooled.json")
+    (p,) = pooled["paired"]
+    assert p["harmful"]["declined"]["value"] == 1.0 and p["judge"]["harmful"]["declined"]["value"] == 0.0
     # a second batch draws the prompts the first one did not
     audit.batch(evals, tmp_path / "audit2", n=6, seed=2, paired=True, exclude=[out])
     key2 = json.loads((tmp_path / "audit2" / "key.json").read_text())
