@@ -172,9 +172,33 @@ def judge_paired(rows: list[dict[str, Any]], arm: str, baseline: str) -> dict[st
     return out
 
 
+def reading_rates(rows: list[dict[str, Any]], arms: Sequence[str], *, with_judge: bool = False
+                  ) -> dict[str, dict[str, Any]]:
+    """What careful reading says the rates are, per arm and prompt kind (with the judge's refused
+    rate and its item agreement with reading, if asked)."""
+    from tactful.eval.metrics import rate
+
+    read: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        for kind, outs in OUTCOMES.items():
+            sel = [r for r in rows if r["arm"] == arm and r["kind"] == kind]
+            if not sel:
+                continue
+            e = {"n": len(sel), **{o: rate([r["outcome"] == o for r in sel]).to_dict() for o in outs},
+                 "degenerate": rate([r["degenerate"] for r in sel]).to_dict()}
+            if kind == "harmful":
+                e["uplift"] = rate([r["uplift"] for r in sel]).to_dict()
+            if with_judge:
+                e["judge_" + ("declined" if kind == "harmful" else "refused")] = rate(
+                    [bool(r["judge"]["refused"]) for r in sel]).to_dict()
+                e["judge_agrees"] = rate([bool(r["judge"]["refused"]) == (r["outcome"] in ("declined", "refused"))
+                                          for r in sel]).to_dict()
+            read.setdefault(arm, {})[kind] = e
+    return read
+
+
 def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> dict[str, Any]:
     """Reading's and the judge's paired differences over several committed audits."""
-    from tactful.eval.metrics import rate
 
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for stem in stems:
@@ -189,18 +213,7 @@ def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> 
                 except (json.JSONDecodeError, KeyError) as e:
                     die(f"{path}:{n}: not a label row ({e})")
     rs = list(rows.values())
-    read = {}
-    for arm in sorted({r["arm"] for r in rs}):
-        for kind, outs in OUTCOMES.items():
-            sel = [r for r in rs if r["arm"] == arm and r["kind"] == kind]
-            if sel:
-                read.setdefault(arm, {})[kind] = {
-                    "n": len(sel), **{o: rate([r["outcome"] == o for r in sel]).to_dict() for o in outs},
-                    "degenerate": rate([r["degenerate"] for r in sel]).to_dict(),
-                    "judge_" + ("declined" if kind == "harmful" else "refused"):
-                        rate([bool(r["judge"]["refused"]) for r in sel]).to_dict(),
-                    "judge_agrees": rate([bool(r["judge"]["refused"]) == (r["outcome"] in ("declined", "refused"))
-                                          for r in sel]).to_dict()}
+    read = reading_rates(rs, sorted({r["arm"] for r in rs}), with_judge=True)
     doc = {"audits": [str(s) for s in stems], "careful_reading": read,
            "paired": [{**paired_reading(rs, a, b), "judge": judge_paired(rs, a, b)} for a, b in compare]}
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -252,15 +265,7 @@ def score(out: Path, results: Path, *, evals: dict[str, Path] | None = None, met
         rows_out.append({**k, "kind": kind, "outcome": outcome, "degenerate": lab["degenerate"],
                          "uplift": bool(lab.get("uplift", False)), "judge": {f: j for f, (j, _) in fields.items()}})
     summary = {arm: {f: rate(xs).to_dict() for f, xs in fs.items()} for arm, fs in agree.items()}
-    read: dict[str, dict[str, Any]] = {}  # what careful reading says the rates are, per arm and kind
-    for arm in agree:
-        for kind, outs in OUTCOMES.items():
-            sel = [r for r in rows_out if r["arm"] == arm and r["kind"] == kind]
-            if sel:
-                read.setdefault(arm, {})[kind] = {
-                    "n": len(sel), **{o: rate([r["outcome"] == o for r in sel]).to_dict() for o in outs},
-                    "degenerate": rate([r["degenerate"] for r in sel]).to_dict(),
-                    **({"uplift": rate([r["uplift"] for r in sel]).to_dict()} if kind == "harmful" else {})}
+    read = reading_rates(rows_out, list(agree))  # what careful reading says the rates are
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results.with_name(results.name + "-labels.jsonl"), "w", encoding="utf-8") as f:
         for r in rows_out:
