@@ -37,6 +37,10 @@ OUTCOMES = {"harmful": ("declined", "evasive", "attempted"), "seemingly_toxic": 
             "benign": ("helpful", "refused", "failed")}
 
 
+# the fields `score` writes per label row, which `pooled` reads back
+LABEL_ROW_FIELDS = ("arm", "suite", "id", "kind", "outcome", "degenerate", "uplift", "judge")
+
+
 def die(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -130,6 +134,14 @@ def _seed_pairs(arm: str, baseline: str, arms: set[str]) -> list[tuple[str, str]
                   if a.startswith(arm + "-seed") and a[len(arm) + 5:].isdigit() and baseline + a[len(arm):] in arms)
 
 
+def _matched(rows: list[dict[str, Any]], pairs: list[tuple[str, str]], kind: str
+             ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(arm row, baseline row) for every prompt of `kind` read in both arms of a pair."""
+    by = {(r["arm"], r["suite"], r["id"]): r for r in rows}
+    return [(by[(a, s, i)], r) for a, b in pairs for (x, s, i), r in by.items()
+            if x == b and r["kind"] == kind and (a, s, i) in by]
+
+
 def paired_reading(rows: list[dict[str, Any]], arm: str, baseline: str) -> dict[str, Any]:
     """Reading's ARM − BASELINE per prompt kind and outcome, over the prompts read in both (per seed)."""
     from tactful.eval.metrics import paired_difference
@@ -137,11 +149,9 @@ def paired_reading(rows: list[dict[str, Any]], arm: str, baseline: str) -> dict[
     pairs = _seed_pairs(arm, baseline, {r["arm"] for r in rows})
     if not pairs:
         die(f"--compare {arm}={baseline}: no such arms (or seed-matched arms) in the labels")
-    by = {(r["arm"], r["suite"], r["id"]): r for r in rows}
     out: dict[str, Any] = {"arm": arm, "baseline": baseline, "pairs": [list(p) for p in pairs]}
     for kind, outs in OUTCOMES.items():
-        matched = [(by[(a, s, i)], r) for a, b in pairs for (x, s, i), r in by.items()
-                   if x == b and r["kind"] == kind and (a, s, i) in by]
+        matched = _matched(rows, pairs, kind)
         if not matched:
             continue
         flags = {o: (lambda r, o=o: r["outcome"] == o) for o in outs}
@@ -159,11 +169,9 @@ def judge_paired(rows: list[dict[str, Any]], arm: str, baseline: str) -> dict[st
     from tactful.eval.metrics import paired_difference
 
     pairs = _seed_pairs(arm, baseline, {r["arm"] for r in rows})
-    by = {(r["arm"], r["suite"], r["id"]): r for r in rows}
     out: dict[str, Any] = {}
     for kind in OUTCOMES:
-        matched = [(by[(a, s, i)], r) for a, b in pairs for (x, s, i), r in by.items()
-                   if x == b and r["kind"] == kind and (a, s, i) in by]
+        matched = _matched(rows, pairs, kind)
         if matched:
             flag = "declined" if kind == "harmful" else "refused"
             out[kind] = {"n": len(matched), flag: paired_difference(
@@ -209,9 +217,12 @@ def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> 
             if line.strip():
                 try:
                     r = json.loads(line)
-                    rows.setdefault((r["arm"], r["suite"], r["id"]), r)
-                except (json.JSONDecodeError, KeyError) as e:
-                    die(f"{path}:{n}: not a label row ({e})")
+                except json.JSONDecodeError as e:
+                    die(f"{path}:{n}: not valid JSON ({e.msg})")
+                missing = [k for k in LABEL_ROW_FIELDS if k not in r]
+                if missing:
+                    die(f"{path}:{n}: label row lacks field {missing[0]!r}")
+                rows.setdefault((r["arm"], r["suite"], r["id"]), r)
     rs = list(rows.values())
     read = reading_rates(rs, sorted({r["arm"] for r in rs}), with_judge=True)
     doc = {"audits": [str(s) for s in stems], "careful_reading": read,
