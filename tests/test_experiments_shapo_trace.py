@@ -179,3 +179,17 @@ def test_a_probe_on_all_responses_makes_other_shapo_arms_only():
     assert shapo_run.arm_name("shapo", 0.3) == "shapo-noise30"
     assert shapo_run.arm_name("drdpo-shapo", 0.3, "all") == "drdpo-shapo-probeall-noise30"
     assert shapo_run.arm_name("dpo", 0.3, "all") == "dpo-noise30"  # no probe: its finished runs are reused
+
+
+def test_both_perturbations_add_shapo_arms_only(tmp_path):
+    # one invocation may train (and summarise) the SAM and the official-gamma ShaPO arms; the DPO-family
+    # arms do not depend on the perturbation, so they are planned once
+    shapo_run = _load("shapo_experiment_run", ROOT / "experiments" / "shapo" / "run.py")
+    c = shapo_run.CALIBRATION
+
+    def est(perts):
+        return shapo_run.estimate_s(["dpo", "shapo"], [0.3], [0], 2, 1, tmp_path, False, perturbations=perts)
+
+    one_shapo_arm = 2 * c["shapo_step_s"] + c["overhead_s"] + c["probe_s"] + c["eval_s"]
+    assert est(("sam", "official")) - est(("sam",)) == pytest.approx(one_shapo_arm)
+    assert est(("official",)) == pytest.approx(est(("sam",)))

@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -283,7 +283,7 @@ def shapo_table(results: Path, arms: list[str], seeds: list[int]) -> str:
 
 def estimate_s(methods: list[str], noises: list[float], seeds: list[int], steps: int, batch: int, runs: Path,
                with_start: bool, probe_data: str = "train", probe_responses: int = 0,
-               perturbation: str = "sam") -> float:
+               perturbations: Sequence[str] = ("sam",)) -> float:
     c = CALIBRATION
     cache = runs / "data" / "ref_logps.jsonl"
     cached = len(cache.read_text().splitlines()) // 2 if cache.exists() else 0
@@ -294,15 +294,15 @@ def estimate_s(methods: list[str], noises: list[float], seeds: list[int], steps:
         if probe_data == "all" and any("shapo" in m for m in methods) and \
                 not (runs / f"probe-all-seed{seed}" / "probe.json").exists():
             total += probe_responses * c["probe_response_s"]
-        for noise in noises:
-            for m in methods:
-                d = runs / f"{arm_name(m, noise, probe_data, perturbation)}-seed{seed}"
-                if not is_complete(d):
-                    per = c["shapo_step_s"] if "shapo" in m else c["dpo_step_s"]
-                    own_probe = c["probe_s"] if "shapo" in m and probe_data == "train" else 0.0
-                    total += steps * per + c["overhead_s"] + own_probe
-                if not (d / "eval" / "metrics.json").exists():
-                    total += CALIBRATION["eval_s"]
+        for m, noise, pert in [(m, n, p) for p in perturbations for n in noises for m in methods
+                               if "shapo" in m or p == perturbations[0]]:
+            d = runs / f"{arm_name(m, noise, probe_data, pert)}-seed{seed}"
+            if not is_complete(d):
+                per = c["shapo_step_s"] if "shapo" in m else c["dpo_step_s"]
+                own_probe = c["probe_s"] if "shapo" in m and probe_data == "train" else 0.0
+                total += steps * per + c["overhead_s"] + own_probe
+            if not (d / "eval" / "metrics.json").exists():
+                total += CALIBRATION["eval_s"]
     return total
 
 
@@ -341,8 +341,9 @@ def main() -> None:
     ap.add_argument("--pku-n", type=int, default=64, help="held-out PKU-SafeRLHF prompts evaluated")
     ap.add_argument("--mc-n", type=int, default=60, help="capability items (multiple choice)")
     ap.add_argument("--limit", type=int, default=None, help="cap items per suite, capability included (smoke)")
-    ap.add_argument("--shapo-perturbation", default="sam", choices=["sam", "official"],
-                    help="sam: eps = rho g/||g|| on the mask (default here, see README); official: gamma g")
+    ap.add_argument("--shapo-perturbation", nargs="+", default=["sam"], choices=["sam", "official"],
+                    help="sam: eps = rho g/||g|| on the mask (default here, see README); official: gamma g. "
+                         "Both: the ShaPO arms once with each (the others do not depend on it)")
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--start", default=None, help="start run (default: the safety-SFT run of the seed)")
     ap.add_argument("--no-start-eval", action="store_true", help="do not evaluate the start model")
@@ -373,7 +374,7 @@ def main() -> None:
         args.steps, args.limit = 5, args.limit or 4
     runs = Path(args.runs or ROOT / "runs" / ("exp-shapo-quick" if args.quick else "exp-shapo")).resolve()
     results = Path(args.results or (runs / "results" if args.quick else HERE / "results"))
-    shapo = [f"shapo.perturbation={args.shapo_perturbation}", f"shapo.rho={args.rho}"]
+    perts = list(dict.fromkeys(args.shapo_perturbation))
 
     import shapo_data
 
@@ -417,14 +418,15 @@ def main() -> None:
 
     if not args.summarise:
         est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval,
-                         args.probe_data, probe_info["distinct_responses"] if probe_info else 0, args.shapo_perturbation)
+                         args.probe_data, probe_info["distinct_responses"] if probe_info else 0, perts)
         print(f"{len(args.arms) * len(args.noise) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
               f"estimated time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    pert = args.shapo_perturbation
-    arms = [arm_name(m, n, args.probe_data, pert) for n in args.noise for m in args.arms]
+    # (method, noise, perturbation) per arm: the DPO-family arms once, the ShaPO arms once per perturbation
+    plan = [(m, n, p) for p in perts for n in args.noise for m in args.arms if "shapo" in m or p == perts[0]]
+    arms = [arm_name(m, n, args.probe_data, p) for m, n, p in plan]
     for seed in ([] if args.summarise else args.seeds):
         start = start_of(seed)
         if not args.no_start_eval:
@@ -443,29 +445,29 @@ def main() -> None:
             print(f"probe on {info['n_responses']} responses: held-out accuracy {info['heldout_accuracy']} "
                   f"(n={info['n_heldout']})")
             probe_file = out / "shapo_probe.safetensors"
-        for noise in args.noise:
-            for method in args.arms:
-                name = f"{arm_name(method, noise, args.probe_data, pert)}-seed{seed}"
-                t0 = time.time()
-                done = is_complete(runs / name)
-                run_dir = train_arm(method, noise, seed, start=start, pairs=pairs, runs=runs, steps=args.steps,
-                                    batch=args.batch, shapo=shapo, probe_file=probe_file,
-                                    extra=[f"training.learning_rate={args.lr}", *args.extra])
-                t1 = time.time()
-                had_eval = (run_dir / "eval" / "metrics.json").exists()
-                ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit)
-                t2 = time.time()
-                copy_aggregates(ev, results / name, run_dir)
-                save_item_outputs(ev, results / name, arm=arm_name(method, noise, args.probe_data, pert), seed=seed)
-                (results / name / "train_diagnostics.json").write_text(json.dumps(diagnostics(run_dir), indent=2))
-                entry = timings.get(name, {})
-                if not done:
-                    entry["train_s"] = round(t1 - t0, 1)
-                if not had_eval:
-                    entry["eval_s"] = round(t2 - t1, 1)
-                timings[name] = entry
-                timings_path.write_text(json.dumps(timings, indent=2) + "\n")
-                print(f"{name}: {entry}")
+        for method, noise, pert in plan:
+            shapo = [f"shapo.perturbation={pert}", f"shapo.rho={args.rho}"]
+            name = f"{arm_name(method, noise, args.probe_data, pert)}-seed{seed}"
+            t0 = time.time()
+            done = is_complete(runs / name)
+            run_dir = train_arm(method, noise, seed, start=start, pairs=pairs, runs=runs, steps=args.steps,
+                                batch=args.batch, shapo=shapo, probe_file=probe_file,
+                                extra=[f"training.learning_rate={args.lr}", *args.extra])
+            t1 = time.time()
+            had_eval = (run_dir / "eval" / "metrics.json").exists()
+            ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit)
+            t2 = time.time()
+            copy_aggregates(ev, results / name, run_dir)
+            save_item_outputs(ev, results / name, arm=arm_name(method, noise, args.probe_data, pert), seed=seed)
+            (results / name / "train_diagnostics.json").write_text(json.dumps(diagnostics(run_dir), indent=2))
+            entry = timings.get(name, {})
+            if not done:
+                entry["train_s"] = round(t1 - t0, 1)
+            if not had_eval:
+                entry["eval_s"] = round(t2 - t1, 1)
+            timings[name] = entry
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+            print(f"{name}: {entry}")
 
     win = {}
     if args.judge_url:
@@ -477,8 +479,8 @@ def main() -> None:
         f"Start: the safety-SFT run of each seed. Data: {data['train_pairs']} PKU-SafeRLHF safety pairs "
         f"(one per prompt) for training; {data['prompts']['heldout']} held-out prompts. "
         f"{args.steps} steps x batch {args.batch}, LoRA r16, beta 0.1, lr {args.lr:g} for every arm. "
-        f"ShaPO perturbation: {args.shapo_perturbation}" + (f" (rho {args.rho})" if args.shapo_perturbation == "sam"
-                                                              else "") + ". Judge: outcome-minilm "
+        "ShaPO perturbation: " + " and ".join(f"{p} (rho {args.rho})" if p == "sam" else f"{p} (gamma, arms *-gamma-*)"
+                                               for p in perts) + ". Judge: outcome-minilm "
         f"(gold test accuracy: {gold_accuracy(results)}).",
         "ShaPO probe: " + ("one per seed on every labelled response of the training prompts, on the start model "
                            "(results/probe-all-seed<N>.json)" if args.probe_data == "all" else
@@ -489,8 +491,8 @@ def main() -> None:
     labels = ["start", *arms] if not args.no_start_eval else arms
     table = summarise(results, labels, SUITE_ORDER, args.seeds)
     # every ShaPO arm against its matched baseline (same loss without ShaPO), at each noise level
-    pairs_to_compare = [(arm_name(m, n, args.probe_data, pert), arm_name(base, n))
-                        for n in args.noise for m, base in MATCHED_BASELINE.items()]
+    pairs_to_compare = [(arm_name(m, n, args.probe_data, p), arm_name(base, n))
+                        for p in perts for n in args.noise for m, base in MATCHED_BASELINE.items()]
     comparisons = [c for a, b in pairs_to_compare
                    if (c := seed_comparison(runs, a, b, seeds_present(runs, [a, b]), rows=[*PKU_ROWS, *OUTCOME_ROWS]))]
     atomic_write_json(results / "comparisons.json", comparisons)
