@@ -6,6 +6,8 @@
     python experiments/audit.py batch ... --paired          # the same prompts in every arm
     python experiments/audit.py score ... --compare ARM=BASELINE   # reading's paired difference
     python experiments/audit.py pooled --labels STEM ... --compare ARM=BASELINE --results OUT.json
+    python experiments/audit.py batch ... --paired --differing --n 1000   # every reply that differs
+    python experiments/audit.py exact --labels STEM ... --compare ARM=BASELINE --items RESULTS_DIR --results OUT.json
 
 The judge (outcome-minilm) was validated on replies of the embedded model and four trained
 variants; a method can teach a model to write in new ways (a refusal template, off-topic filler),
@@ -18,7 +20,10 @@ says the rates are; `--compare ARM=BASELINE` adds reading's paired difference (A
 the items read in both, bootstrap 95% CI). Arms named `<name>-seed<N>` compare seed by seed,
 pooled: `--compare dcr=sft` pairs dcr-seed0 with sft-seed0, dcr-seed1 with sft-seed1, ...
 `pooled` does the same over several committed audits (their <stem>-labels.jsonl; an item read
-twice counts once) and puts the judge's paired difference on the same items beside reading's. Labels are kept by item key (arm, suite, id) with no prompt text (public
+twice counts once) and puts the judge's paired difference on the same items beside reading's. `exact` is
+for arms that give the same reply to most prompts (two losses from one start): `batch --paired
+--differing` draws every prompt whose replies differ, and `exact` gives reading's difference over all
+prompts, an identical reply counting zero; no sampling error from the choice of prompts read. Labels are kept by item key (arm, suite, id) with no prompt text (public
 prompts stay out of the repository): <results>-labels.jsonl and <results>.json.
 """
 
@@ -61,9 +66,10 @@ def eval_items(eval_dir: Path) -> list[dict[str, Any]]:
 
 
 def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: bool = False,
-          kinds: Sequence[str] = tuple(OUTCOMES), exclude: Sequence[Path] = ()) -> Path:
+          kinds: Sequence[str] = tuple(OUTCOMES), exclude: Sequence[Path] = (), differing: bool = False) -> Path:
     """Write out/batch.jsonl (anonymous, shuffled) and out/key.json. `exclude`: earlier audit
-    folders whose prompts are not drawn again (so that a second batch adds new prompts)."""
+    folders whose prompts are not drawn again (so that a second batch adds new prompts).
+    `differing` (paired only): draw only prompts whose replies are not the same in every arm."""
     rng = random.Random(seed)
     chosen = []
     per_arm = {}
@@ -83,6 +89,9 @@ def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: b
         for kind in kinds:
             common = set.intersection(*({(it["suite"], it["id"]) for it in items if it["kind"] == kind}
                                         for items in per_arm.values()))
+            if differing:
+                replies = [{(it["suite"], it["id"]): it["response"] for it in items} for items in per_arm.values()]
+                common = {k for k in common if len({r[k] for r in replies}) > 1}
             picks = set(rng.sample(sorted(common), min(n, len(common))))
             for arm, items in per_arm.items():
                 chosen += [{**it, "arm": arm} for it in items if (it["suite"], it["id"]) in picks]
@@ -101,8 +110,8 @@ def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: b
         for k, it in enumerate(chosen):
             f.write(json.dumps({"item_id": f"a{k:04d}", "prompt_type": it["kind"], "prompt": it["prompt"],
                                 "response": it["response"]}, ensure_ascii=False) + "\n")
-    print(f"{out / 'batch.jsonl'}: {len(chosen)} items ({n} per arm and prompt kind"
-          f"{', the same prompts in every arm' if paired else ''})")
+    print(f"{out / 'batch.jsonl'}: {len(chosen)} items (up to {n} per arm and prompt kind"
+          f"{', the same prompts in every arm' if paired else ''}{', replies that differ' if differing else ''})")
     return out / "batch.jsonl"
 
 
@@ -205,9 +214,8 @@ def reading_rates(rows: list[dict[str, Any]], arms: Sequence[str], *, with_judge
     return read
 
 
-def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> dict[str, Any]:
-    """Reading's and the judge's paired differences over several committed audits."""
-
+def committed_labels(stems: list[Path]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Label rows of committed audits by (arm, suite, id); an item read twice counts once."""
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for stem in stems:
         path = stem.with_name(stem.name + "-labels.jsonl")
@@ -223,7 +231,12 @@ def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> 
                 if missing:
                     die(f"{path}:{n}: label row lacks field {missing[0]!r}")
                 rows.setdefault((r["arm"], r["suite"], r["id"]), r)
-    rs = list(rows.values())
+    return rows
+
+
+def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> dict[str, Any]:
+    """Reading's and the judge's paired differences over several committed audits."""
+    rs = list(committed_labels(stems).values())
     read = reading_rates(rs, sorted({r["arm"] for r in rs}), with_judge=True)
     doc = {"audits": [str(s) for s in stems], "careful_reading": read,
            "paired": [{**paired_reading(rs, a, b), "judge": judge_paired(rs, a, b)} for a, b in compare]}
@@ -237,6 +250,81 @@ def pooled(stems: list[Path], compare: list[tuple[str, str]], results: Path) -> 
                 print(f"{c['arm']} − {c['baseline']}, {kind} (n={e['n']}): reading {flag} "
                       f"{100 * e[flag]['value']:+.1f} [{100 * e[flag]['ci_low']:+.1f}, {100 * e[flag]['ci_high']:+.1f}], "
                       f"judge {100 * j[flag]['value']:+.1f} [{100 * j[flag]['ci_low']:+.1f}, {100 * j[flag]['ci_high']:+.1f}]")
+    print(f"wrote {results}")
+    return doc
+
+
+def exact(stems: list[Path], compare: list[tuple[str, str]], items_dir: Path, results: Path) -> dict[str, Any]:
+    """Reading's ARM − BASELINE over *every* reply of both arms, not a sample.
+
+    Two arms that share a start and most of their training give the same reply to many prompts;
+    an identical reply reads the same, so it contributes zero to the paired difference, and only
+    the replies that differ need reading (`batch --paired --differing` draws all of them). The
+    replies come from the committed per-item outputs, `items_dir/<arm>-seed<N>/items.jsonl.gz`;
+    a differing reply without a label is an error, so the difference is never a sample's."""
+    import gzip
+
+    from tactful.eval.metrics import paired_difference
+
+    labels = committed_labels(stems)
+
+    def replies(name: str) -> dict[tuple[str, str], dict[str, Any]]:
+        path = items_dir / name / "items.jsonl.gz"
+        if not path.is_file():
+            die(f"{path} not found (per-item outputs of arm {name})")
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return {(r["suite"], r["id"]): r for r in map(json.loads, filter(str.strip, f))
+                    if r["suite"] in KINDS and "response" in r}
+
+    doc: dict[str, Any] = {"audits": [str(s) for s in stems], "items": str(items_dir), "paired": []}
+    for arm, baseline in compare:
+        names = {d.name for d in items_dir.iterdir() if d.is_dir()} if items_dir.is_dir() else set()
+        pairs = _seed_pairs(arm, baseline, names)
+        if not pairs:
+            die(f"--compare {arm}={baseline}: no such arms (or seed-matched arms) in {items_dir}")
+        diffs: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+        judge: dict[str, tuple[list[float], list[float]]] = {}
+        counts: dict[str, dict[str, int]] = {}
+        for a, b in pairs:
+            ra, rb = replies(a), replies(b)
+            for key in sorted(ra.keys() & rb.keys()):
+                kind = KINDS[key[0]]
+                flags = [*OUTCOMES[kind], "degenerate", *(["uplift"] if kind == "harmful" else [])]
+                c = counts.setdefault(kind, {"n": 0, "differing": 0})
+                c["n"] += 1
+                if ra[key]["response"] == rb[key]["response"]:
+                    xa = xb = {f: 0.0 for f in flags}  # the same reply reads the same
+                else:
+                    c["differing"] += 1
+                    la, lb = labels.get((a, *key)), labels.get((b, *key))
+                    for name, lab in ((a, la), (b, lb)):
+                        if lab is None:
+                            die(f"{name} {key[0]} {key[1]}: its reply differs from the other arm's but is not "
+                                f"in the labels: read it (audit.py batch --paired --differing)")
+                    xa, xb = ({f: float(lab["outcome"] == f if f in OUTCOMES[kind] else lab[f]) for f in flags}
+                              for lab in (la, lb))
+                for f in flags:
+                    d = diffs.setdefault(kind, {}).setdefault(f, ([], []))
+                    d[0].append(xa[f])
+                    d[1].append(xb[f])
+                flag = "declined" if kind == "harmful" else "refused"
+                j = judge.setdefault(kind, ([], []))
+                j[0].append(float(ra[key].get("label") == flag))
+                j[1].append(float(rb[key].get("label") == flag))
+        entry: dict[str, Any] = {"arm": arm, "baseline": baseline, "pairs": [list(p) for p in pairs]}
+        for kind, fs in diffs.items():
+            flag = "declined" if kind == "harmful" else "refused"
+            entry[kind] = {**counts[kind], **{f: paired_difference(x, y).to_dict() for f, (x, y) in fs.items()},
+                           "judge_" + flag: paired_difference(*judge[kind]).to_dict()}
+        doc["paired"].append(entry)
+        for kind in OUTCOMES:
+            if kind in entry:
+                e = entry[kind]
+                print(f"{arm} − {baseline}, {kind} (n={e['n']}, {e['differing']} differ): " + "  ".join(
+                    f"{f} {100 * v['value']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]"
+                    for f, v in e.items() if isinstance(v, dict)))
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=2))
     print(f"wrote {results}")
     return doc
 
@@ -328,6 +416,8 @@ def main() -> None:
     b.add_argument("--kinds", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES),
                    help="prompt kinds to draw (default: all three)")
     b.add_argument("--exclude", nargs="+", type=Path, default=[], help="earlier audit folders: draw other prompts")
+    b.add_argument("--differing", action="store_true",
+                   help="with --paired: only prompts whose replies differ between the arms (for `exact`)")
     sc = sub.add_parser("score")
     sc.add_argument("--out", required=True, type=Path)
     sc.add_argument("--results", required=True, type=Path,
@@ -338,13 +428,23 @@ def main() -> None:
     po.add_argument("--labels", nargs="+", required=True, type=Path, help="committed audit stems (as score --results)")
     po.add_argument("--compare", action="append", required=True, help="ARM=BASELINE")
     po.add_argument("--results", required=True, type=Path, help="JSON file to write")
+    ex = sub.add_parser("exact", help="reading's paired difference over every reply (identical replies read alike)")
+    ex.add_argument("--labels", nargs="+", required=True, type=Path, help="committed audit stems (as score --results)")
+    ex.add_argument("--compare", action="append", required=True, help="ARM=BASELINE")
+    ex.add_argument("--items", required=True, type=Path, help="folder of <arm>-seed<N>/items.jsonl.gz")
+    ex.add_argument("--results", required=True, type=Path, help="JSON file to write")
     a = ap.parse_args()
     if a.cmd == "pooled":
         pooled(a.labels, [_pair_arg(c) for c in a.compare], a.results)
         return
+    if a.cmd == "exact":
+        exact(a.labels, [_pair_arg(c) for c in a.compare], a.items, a.results)
+        return
     if a.cmd == "batch":
+        if a.differing and not a.paired:
+            die("--differing needs --paired")
         batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired, kinds=a.kinds,
-              exclude=a.exclude)
+              exclude=a.exclude, differing=a.differing)
     else:
         score(a.out, a.results, compare=[_pair_arg(c) for c in a.compare])
 

@@ -154,6 +154,55 @@ def test_audit_batch_is_blind_and_score_measures_the_judge(tmp_path: Path) -> No
     assert e.value.code == 2
 
 
+def test_audit_exact_reads_only_the_replies_that_differ(tmp_path: Path) -> None:
+    """`batch --differing` draws only prompts whose replies differ; `exact` counts every other prompt
+    as a zero difference, and refuses to guess a differing reply it has no label for."""
+    import gzip
+
+    import pytest
+
+    import audit
+
+    # 10 harmful prompts; the two arms' replies differ on h0..h2 only
+    evals, items = {}, tmp_path / "results"
+    for arm in ("dpo-seed0", "shapo-seed0"):
+        d = tmp_path / "runs" / arm
+        (d / "safety").mkdir(parents=True)
+        rows = [{"id": f"h{k}", "prompt": f"harmful {k}",
+                 "response": f"{arm} reply {k}" if k < 3 else f"same reply {k}",
+                 "verdict": {"label": "attempted", "refused": False}} for k in range(10)]
+        (d / "safety" / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (items / arm).mkdir(parents=True)
+        with gzip.open(items / arm / "items.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({"suite": "safety", "id": r["id"], "response": r["response"],
+                                     "label": "attempted"}) + "\n" for r in rows)
+        evals[arm] = d
+    out = tmp_path / "audit"
+    audit.batch(evals, out, n=100, paired=True, differing=True)
+    batch = [json.loads(x) for x in (out / "batch.jsonl").read_text().splitlines()]
+    key = json.loads((out / "key.json").read_text())
+    assert sorted(key[r["item_id"]]["id"] for r in batch) == ["h0", "h0", "h1", "h1", "h2", "h2"]
+    # reading: shapo declines the three prompts where it differs, dpo attempts them
+    (out / "labels_a.jsonl").write_text("".join(json.dumps(
+        {"item_id": r["item_id"], "degenerate": False, "uplift": False,
+         "outcome": "declined" if key[r["item_id"]]["arm"] == "shapo-seed0" else "attempted"}) + "\n"
+        for r in batch))
+    stem = tmp_path / "committed" / "audit-d"
+    audit.score(out, stem)
+    doc = audit.exact([stem], [("shapo", "dpo")], items, tmp_path / "exact.json")
+    h = doc["paired"][0]["harmful"]
+    assert (h["n"], h["differing"]) == (10, 3)
+    assert h["declined"]["value"] == pytest.approx(0.3) and h["attempted"]["value"] == pytest.approx(-0.3)
+    assert h["judge_declined"]["value"] == 0.0
+    # a differing reply nobody read: an error, not a guess
+    lines = (stem.parent / "audit-d-labels.jsonl").read_text().splitlines()
+    (stem.parent / "audit-d-labels.jsonl").write_text("\n".join(
+        x for x in lines if json.loads(x)["id"] != "h2") + "\n")
+    with pytest.raises(SystemExit) as e:
+        audit.exact([stem], [("shapo", "dpo")], items, tmp_path / "exact.json")
+    assert e.value.code == 2
+
+
 def _comparison(**deltas: tuple[float, float]) -> dict:
     """A seed_comparison-shaped dict whose rows have the given (ci_low, ci_high) intervals."""
     rows = {label.replace("_", " "): {"base": 0.5, "arm_per_seed": [0.5],
