@@ -23,8 +23,9 @@ pooled: `--compare dcr=sft` pairs dcr-seed0 with sft-seed0, dcr-seed1 with sft-s
 twice counts once) and puts the judge's paired difference on the same items beside reading's. `exact` is
 for arms that give the same reply to most prompts (two losses from one start): `batch --paired
 --differing` draws every prompt whose replies differ, and `exact` gives reading's difference over all
-prompts, an identical reply counting zero; no sampling error from the choice of prompts read. Labels are kept by item key (arm, suite, id) with no prompt text (public
-prompts stay out of the repository): <results>-labels.jsonl and <results>.json.
+prompts, an identical reply counting zero (every differing reply is read, none sampled). Labels are
+kept by item key (arm, suite, id) with no prompt text (public prompts stay out of the repository):
+<results>-labels.jsonl and <results>.json.
 """
 
 from __future__ import annotations
