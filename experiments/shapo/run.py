@@ -493,6 +493,8 @@ def main() -> None:
     # every ShaPO arm against its matched baseline (same loss without ShaPO), at each noise level
     pairs_to_compare = [(arm_name(m, n, args.probe_data, p), arm_name(base, n))
                         for p in perts for n in args.noise for m, base in MATCHED_BASELINE.items()]
+    # what the flipped labels cost plain DPO: the gap a noise-robust method has to close
+    pairs_to_compare += [(arm_name("dpo", n), arm_name("dpo", 0.0)) for n in args.noise if n > 0 and 0.0 in args.noise]
     comparisons = [c for a, b in pairs_to_compare
                    if (c := seed_comparison(runs, a, b, seeds_present(runs, [a, b]), rows=[*PKU_ROWS, *OUTCOME_ROWS]))]
     atomic_write_json(results / "comparisons.json", comparisons)
