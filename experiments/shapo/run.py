@@ -416,16 +416,16 @@ def main() -> None:
         arm, seed = split_key(key)
         adopt_restored(runs / key / "eval", results / key, arm=arm, seed=seed)
 
+    # (method, noise, perturbation) per arm: the DPO-family arms once, the ShaPO arms once per perturbation
+    plan = [(m, n, p) for p in perts for n in args.noise for m in args.arms if "shapo" in m or p == perts[0]]
     if not args.summarise:
         est = estimate_s(args.arms, args.noise, args.seeds, args.steps, args.batch, runs, not args.no_start_eval,
                          args.probe_data, probe_info["distinct_responses"] if probe_info else 0, perts)
-        print(f"{len(args.arms) * len(args.noise) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
+        print(f"{len(plan) * len(args.seeds)} arms, {args.steps} steps x batch {args.batch}; "
               f"estimated time on 2 free cores: {est / 60:.0f} min (threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
 
     timings_path = results / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    # (method, noise, perturbation) per arm: the DPO-family arms once, the ShaPO arms once per perturbation
-    plan = [(m, n, p) for p in perts for n in args.noise for m in args.arms if "shapo" in m or p == perts[0]]
     arms = [arm_name(m, n, args.probe_data, p) for m, n, p in plan]
     for seed in ([] if args.summarise else args.seeds):
         start = start_of(seed)
