@@ -453,8 +453,11 @@ def frontier_verdict(c: dict[str, Any]) -> str:
     else:
         verdict = "**no resolved difference**"
     detail = "; ".join([f"better: {', '.join(better)}"] * bool(better) + [f"worse: {', '.join(worse)}"] * bool(worse))
+    # Degeneration is not on the frontier's axes, but a frontier gain bought with babble is not one
+    # to take at face value: name every resolved rise.
+    babble = [k for k in rows if k.endswith("degenerate") and sign(k, False) == -1]
     return f"{c['arm']} vs {c['baseline']} (seeds {', '.join(map(str, c['seeds']))}): {verdict}" + (
-        f" ({detail})" if detail else "")
+        f" ({detail})" if detail else "") + (f"; but more degenerate replies: {', '.join(babble)}" if babble else "")
 
 
 # ---------------------------------------------------------------- re-run helpers (SafeMoE, DCR)

@@ -57,15 +57,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from common import (OUTCOME_SUITES, comparison_markdown, copy_aggregates, evaluate, gold_accuracy,  # noqa: E402
-                    is_complete, pooled_paired, record_timing, safety_sft_start, save_item_outputs,
-                    seed_comparison, seeds_present, summarise, train)
+from common import (OUTCOME_SUITES, adopt_restored, comparison_markdown, copy_aggregates, evaluate,  # noqa: E402
+                    gold_accuracy, is_complete, pooled_paired, record_timing, restore_evals, safety_sft_start,
+                    save_item_outputs, seed_comparison, seeds_present, split_key, summarise, train)
 from tactful.io import atomic_write_json  # noqa: E402
 
 OLD_POLICY, NEW_POLICY = "old-strict", "new-contextual"
 OLD_SOURCES = ["builtin-refusal-pairs", "builtin-terse-pairs", "builtin-cautious-pairs"]
 ARMS = ("naive-dpo", "naive-dpo-paper", "npo-no-triage", "no-triage-paper", "trace-uniform", "trace")
 BASELINES = ("naive-dpo", "naive-dpo-paper")  # every other arm is compared with each one run
+# TRACE minus each ablation present: what triage (npo-no-triage, no-triage-paper) and the impact
+# weights (trace-uniform) add
+ABLATIONS = ("npo-no-triage", "no-triage-paper", "trace-uniform")
 SUITES = OUTCOME_SUITES
 # Refusal detection inside the policy judge (triage, and policy agreement of the replies): the
 # outcome judge, validated on real replies of this model (docs/judging.md).
@@ -426,6 +429,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 steps, 4 items per suite, 4 pairs per "
                                                          "source, a 2-step SFT start, all under runs/")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra override for the shift arms")
+    ap.add_argument("--summarise", action="store_true",
+                    help="train nothing: rebuild the summary from what is evaluated, the committed replies included")
     return ap
 
 
@@ -475,6 +480,16 @@ def main() -> None:
     print(f"{len(args.arms) * len(args.seeds)} shift arms + {len(args.seeds)} old-aligned, {args.steps} steps x batch "
           f"{args.batch}, settings {args.settings}; estimated time on 2 free cores: {est / 60:.0f} min "
           f"(threads: {os.environ.get('OMP_NUM_THREADS', 'all')})")
+
+    # Arms evaluated on another machine (or before runs/ was cleaned) join from their committed
+    # replies, re-judged: their old-aligned evaluation is reused, the model is retrained only if a
+    # shift arm needs it as its start.
+    for key in restore_evals(results, runs):
+        arm, seed = split_key(key)
+        adopt_restored(runs / key / "eval", results / key, arm=arm, seed=seed)
+    if args.summarise:
+        write_summary(runs, results, args, settings, summary)
+        return
 
     timings_path = results / "timings.json"
     if "shared_data_and_triage" not in (json.loads(timings_path.read_text()) if timings_path.exists() else {}):
@@ -556,6 +571,7 @@ def write_summary(runs: Path, results: Path, args: argparse.Namespace, settings:
     seeds = seeds_present(runs, ["old-aligned", *arms])
     comparisons = [c for c in (
         [comparison(runs, a, b, seeds) for b in BASELINES for a in arms if a not in BASELINES]
+        + [comparison(runs, "trace", a, seeds) for a in ABLATIONS if "trace" in arms and a in arms]
         + [comparison(runs, a, "old-aligned", seeds) for a in arms]) if c]
     atomic_write_json(results / "comparisons.json", comparisons)
     micro = settings["micro_batch"] or args.batch
