@@ -521,7 +521,8 @@ def main() -> None:
         t_train = time.time() - t if fresh else None
         ev_fresh = not (old / "eval" / "metrics.json").exists()
         t = time.time()
-        ev = evaluate(old, suites, old / "eval", seed=seed, limit=args.limit, **eval_kw)
+        # a finished evaluation (or one rebuilt from the committed replies) is not generated again
+        ev = evaluate(old, suites, old / "eval", seed=seed, limit=args.limit, **eval_kw) if ev_fresh else old / "eval"
         copy_aggregates(ev, results / name, old)
         save_item_outputs(ev, results / name, arm="old-aligned", seed=seed)
         record(name, old, t_train, ev_fresh, time.time() - t)
@@ -539,7 +540,8 @@ def main() -> None:
             t_train = time.time() - t if fresh else None
             ev_fresh = not (run_dir / "eval" / "metrics.json").exists()
             t = time.time()
-            ev = evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit, **eval_kw)
+            ev = (evaluate(run_dir, suites, run_dir / "eval", seed=seed, limit=args.limit, **eval_kw) if ev_fresh
+                  else run_dir / "eval")
             # config.json too: the arm's full settings (lr, batch, accumulation, beta, adapter) in the results
             copy_aggregates(ev, results / name, run_dir, run_files=("manifest.json", "config.json"))
             save_item_outputs(ev, results / name, arm=arm, seed=seed)
