@@ -68,6 +68,29 @@ def test_report_metrics_and_resume(tmp_path):
     assert "mini" in (out / "report.md").read_text()
 
 
+def test_suites_with_one_generation_setting_generate_in_shared_batches(tmp_path):
+    a = _suite(tmp_path, "a", _data(3))
+    b = _suite(tmp_path, "b", [{**r, "id": f"q{i}"} for i, r in enumerate(_data(4))])
+    gen = CountingGenerator()
+    cfg = EvalConfig(suites=[a, b], out=str(tmp_path / "pooled"))
+    pooled = Evaluator(cfg, generator=gen, model=object(), tokenizer=object()).run()
+    assert gen.calls == 1 and len(gen.prompts) == 7  # one call for both suites (7 < 2 x batch_size 4)
+    for name, n in (("a", 3), ("b", 4)):
+        rows = [json.loads(l) for l in (tmp_path / "pooled" / name / "generations.jsonl").read_text().splitlines()]
+        assert len(rows) == n and all(r["response"].endswith(r["prompt"]) or "sorry" in r["response"] for r in rows)
+    alone = {}
+    for suite in (a, b):
+        cfg1 = EvalConfig(suites=[suite], out=str(tmp_path / f"alone-{Path(suite).stem}"))
+        alone.update(Evaluator(cfg1, generator=CountingGenerator(), model=object(), tokenizer=object())
+                     .run()["suites"])
+    for name in ("a", "b"):  # the same replies, so the same numbers as suite by suite
+        assert pooled["suites"][name]["value"] == alone[name]["value"]
+        assert pooled["suites"][name]["n"] == alone[name]["n"]
+    again = CountingGenerator()
+    Evaluator(cfg, generator=again, model=object(), tokenizer=object()).run()
+    assert again.calls == 0  # everything saved: nothing generated twice
+
+
 def test_changed_settings_refuse_to_mix_generations(tmp_path):
     suite = _suite(tmp_path, "mini", _data(4))
     out = tmp_path / "out"
@@ -206,3 +229,36 @@ def test_rejudge_committed_replies_rebuilds_prompts_from_the_suite_data(tmp_path
     (committed / "metrics.json").unlink()
     with pytest.raises(UserError, match="metrics.json"):
         rejudge(committed, tmp_path / "x3", suites=[suite])
+
+
+def test_labelled_token_logps_equal_full_logits_with_and_without_logits_to_keep(tiny):
+    import torch
+
+    from tactful.logprobs import IGNORE_INDEX, labelled_token_logps, token_logps
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # a right-padded row
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 6:] = ids[0, 6:]
+    labels[1, 4:6] = ids[1, 4:6]
+    labels[2, 5:7] = ids[2, 5:7]
+    with torch.no_grad():
+        full, full_mask = token_logps(model(input_ids=ids, attention_mask=mask).logits, labels)
+        kept, kept_mask = labelled_token_logps(model, ids, mask, labels)
+
+        class NoKeep(torch.nn.Module):  # a custom model that does not know logits_to_keep
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids, attention_mask):
+                return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+        fallback, _ = labelled_token_logps(NoKeep(model), ids, mask, labels)
+    assert kept.shape[1] == 5  # columns 3..7 hold a label in some row, not all 8
+    assert torch.allclose(kept.sum(-1), full.sum(-1), atol=1e-5)
+    assert torch.allclose(fallback.sum(-1), full.sum(-1), atol=1e-5)
+    assert int(kept_mask.sum()) == int(full_mask.sum()) == 7

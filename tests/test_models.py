@@ -183,3 +183,28 @@ def test_merged_for_inference_folds_lora_in_and_leaves_what_it_cannot_fold_exact
     assert models.merged_for_inference(hooked) is hooked  # hooks may keep state on the LoRA layers
     half = lora().to(torch.bfloat16)
     assert models.merged_for_inference(half) is half  # a bfloat16 merge would round differently
+
+
+def test_memoised_gguf_loading_parses_each_file_once_and_restores(tmp_path):
+    import gguf
+    import numpy as np
+
+    from tactful import models
+
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with models._memoised_gguf_loading():
+        a, b = gguf.GGUFReader(str(path)), gguf.GGUFReader(path)
+        assert a is b  # parsed once, whichever way the path is given
+        assert gguf.GGUFReader(str(path), "r") is not a  # another mode is not shared
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+        assert np.array_equal(np.asarray(a.tensors[0].data).reshape(3, 4), np.arange(12).reshape(3, 4))
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map

@@ -110,6 +110,38 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return logps * mask, mask
 
 
+def labelled_token_logps(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `token_logps(model(...).logits, labels)`, but the vocabulary projection and its
+    log-softmax run only at the columns where some row has a label.
+
+    Scoring short continuations (multiple choice) needs the logits of a few positions per row;
+    the full [B, T, vocab] tensor (vocab 49k for SmolLM2) costs more than the rest of the
+    forward. The columns go to the model as `logits_to_keep` (transformers' own argument: soft-
+    capping and scaling stay the model's); a model without it gets the full logits, cut after.
+    Returns (logps [B, K], mask [B, K]) over the K kept columns; masked positions hold 0.
+    """
+    targets = labels[:, 1:]
+    cols = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    if cols.numel() == 0:
+        empty = torch.zeros((labels.shape[0], 0))
+        return empty, empty.bool()
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=cols).logits
+    except TypeError as e:  # a custom model without logits_to_keep
+        if "logits_to_keep" not in str(e):
+            raise
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    if logits.shape[1] == input_ids.shape[1] and logits.shape[1] != cols.numel():  # the argument was ignored
+        logits = logits[:, :-1][:, cols]
+    kept = targets[:, cols]
+    mask = kept != IGNORE_INDEX
+    logits = logits.float()
+    picked = torch.gather(logits, 2, kept.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
+
+
 def sequence_logps(
     model: Any,
     input_ids: torch.Tensor,

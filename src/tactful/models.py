@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -209,7 +210,6 @@ def local_model_dir(entry: LocalGGUF, *, home: Path | None = None) -> Path:
 
 def _quiet_gguf_bar() -> Any:
     """Silence transformers' GGUF conversion bar; returns the function that restores it."""
-    import functools
 
     try:
         from transformers import modeling_gguf_pytorch_utils as gguf_utils
@@ -224,6 +224,37 @@ def _quiet_gguf_bar() -> Any:
         gguf_utils.tqdm = original
 
     return restore
+
+
+@contextlib.contextmanager
+def _memoised_gguf_loading() -> Iterator[None]:
+    """transformers parses the GGUF file three times (config, tokenizer, weights) and rebuilds
+    gguf-py's tensor-name map once per submodule (~400 times for SmolLM2): most of the first
+    demo's one-off conversion (~40 s on 2 cores). Within this block each file is parsed once and
+    each name map built once; the weights are the same bytes."""
+    try:
+        import gguf
+    except ImportError:  # transformers raises its own message
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[str, Any] = {}
+
+    def cached_reader(path: Any, *args: Any, **kwargs: Any) -> Any:
+        key = str(Path(path).resolve())
+        if args or kwargs or key not in readers:  # a non-default mode is not shared
+            r = reader(path, *args, **kwargs)
+            if args or kwargs:
+                return r
+            readers[key] = r
+        return readers[key]
+
+    gguf.GGUFReader = cached_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _whole_gguf(entry: LocalGGUF, parts: list[Path], workdir: Path) -> Path:
@@ -268,8 +299,9 @@ def _convert_gguf(entry: LocalGGUF, gguf: Path, out: Path) -> None:
     hf_logging.disable_progress_bar()
     quiet_bar = _quiet_gguf_bar()
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _memoised_gguf_loading():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
         if quiet_bar:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tactful.data.records import MCItem
-from tactful.logprobs import IGNORE_INDEX, Encoded, collate, token_logps
+from tactful.logprobs import IGNORE_INDEX, Encoded, collate, labelled_token_logps
 
 
 @dataclass
@@ -62,8 +62,7 @@ def score_items(
         for start in range(0, len(order), batch_size):
             chunk = [requests[k] for k in order[start:start + batch_size]]
             batch = collate([c[2] for c in chunk], pad)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            lp, _ = token_logps(logits, batch["labels"])
+            lp, _ = labelled_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             sums = lp.sum(-1).tolist()
             finished = 0
             for (i, j, _), s in zip(chunk, sums):
