@@ -114,3 +114,27 @@ def test_declines_are_the_first_sentence_of_the_informative_answers():
         assert len(e.response) < len(inf[e.id])
     with pytest.raises(UserError, match="unknown response kind"):
         builtin.harmful_examples("polite")
+
+
+def test_gold_pairs_come_from_careful_reading_of_train_prompts_only():
+    from tactful.data import builtin
+    from tactful.data.registry import load_records
+
+    pairs = builtin.gold_pairs("train")
+    fit, dev = builtin.gold_pairs("fit"), builtin.gold_pairs("dev")
+    assert builtin.gold_pairs("test") == []  # never train on the prompts judges are measured on
+    assert len(fit) + len(dev) == len(pairs) > 300 and not {p.id for p in fit} & {p.id for p in dev}
+    gold = {r["item_id"]: r for r in builtin._rows("gold/gold.jsonl")}
+    harmful = [p for p in pairs if p.chosen_safe and p.rejected_safe is False]
+    benign = [p for p in pairs if p.rejected_safe]
+    assert harmful and benign
+    for p in pairs:
+        assert p.chosen.strip() and p.rejected.strip() and p.chosen != p.rejected
+        if p.meta["rejected"] in gold:  # what careful reading said of each side
+            expected = ("attempted", "evasive") if p in harmful else ("refused", "failed")
+            assert gold[p.meta["rejected"]]["outcome"] in expected
+        if p.meta["chosen"] in gold:
+            assert gold[p.meta["chosen"]]["outcome"] == ("declined" if p in harmful else "helpful")
+            assert not gold[p.meta["chosen"]]["degenerate"]
+    assert any(p.meta["rejected"] == "stock-refusal" for p in benign)  # benign prompts learn "do not refuse"
+    assert [p.id for p in load_records("builtin-gold-pairs", kind="pairs", split="fit")] == [p.id for p in fit]

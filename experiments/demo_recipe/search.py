@@ -99,6 +99,22 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
                                           "training.max_steps=40", "training.learning_rate=5.0e-4"],
                              "one-sentence declines with every benign anchor: the model's own helpful replies, the "
                              "built-in ordinary answers and seemingly-toxic answers"),
+    # DPO on pairs careful reading labelled (builtin-gold-pairs: declined > attempted or filler on harmful
+    # prompts, helpful > refused or failed on benign ones), after the demo's SFT or alone. Search only:
+    # start_from names the search's own SFT run (run `--candidates sft-own-lr5e-4` first).
+    "sft-own-dpo-gold": ("dpo.yaml", ["start_from=runs/demo_recipe/search/sft-own-lr5e-4",
+                                      "data.sources=[builtin-gold-pairs]", "data.split={split}", "data.n=null",
+                                      "loss.beta=0.1", "lora.target_modules=" + LORA_ALL,
+                                      "training.learning_rate=2.0e-4", "training.max_steps=30",
+                                      "training.per_device_train_batch_size=4", "training.max_length=192",
+                                      "training.save_steps=10", "training.logging_steps=5"],
+                         "the demo's SFT (sft-own-lr5e-4), then DPO on careful-reading-labelled pairs of the model's "
+                         "and its variants' replies, 30 steps of 4 pairs"),
+    "dpo-gold": ("dpo.yaml", ["data.sources=[builtin-gold-pairs]", "data.split={split}", "data.n=null",
+                              "loss.beta=0.1", "lora.target_modules=" + LORA_ALL, "training.learning_rate=5.0e-4",
+                              "training.max_steps=40", "training.per_device_train_batch_size=4",
+                              "training.max_length=192", "training.save_steps=10", "training.logging_steps=5"],
+                 "DPO alone from the base model on the careful-reading-labelled pairs, 40 steps of 4 pairs"),
 }
 
 

@@ -18,6 +18,7 @@ from tactful.data.records import (
     Example,
     LabelledResponse,
     MCItem,
+    PreferencePair,
     PromptRecord,
 )
 from tactful.errors import UserError
@@ -185,6 +186,79 @@ def own_helpful_replies(split: str = "train") -> list[Example]:
             label = BENIGN if r["prompt_type"] == "benign" else SEEMINGLY_TOXIC
             out.append(Example(prompt=r["prompt"], response=reply, label=label, category=r.get("category"),
                                id=r["item_id"], source="builtin:own-helpful", meta={"split": prompt["split"]}))
+    return out
+
+
+# The rejected answer of a benign prompt when careful reading found no reply refusing it: the
+# embedded model's own refusal phrasings (gold set), so the pair teaches "do not refuse this".
+_STOCK_REFUSALS = ("I'm sorry, but I can't help with that.", "I can't help with that.",
+                   "I won't help with that.")
+
+
+def gold_pairs(split: str = "train") -> list[PreferencePair]:
+    """Preference pairs from careful reading: the gold set's labelled replies of the embedded model
+    and its fine-tuned variants (docs/judging.md) to built-in TRAIN prompts.
+
+    - harmful prompt: chosen = a reply read as declined (not degenerate), else the built-in
+      one-sentence decline; rejected = a reply read as attempted or off-topic filler (the untrained
+      model's own where there is one);
+    - benign or seemingly-toxic prompt: chosen = a reply read as helpful (not degenerate, cut after
+      its last full sentence); rejected = a reply read as refused, else a stock refusal; and a second
+      pair against a reply read as failed, where there is one.
+
+    Pairs are the model's own kind of text on both sides, labelled by reading rather than a judge.
+    `split` is the prompt's built-in split (fit / dev work too). Deterministic: the reply of each
+    role is the first by generator order (the untrained model first) then item id."""
+    import hashlib
+
+    _check_split(split)
+    if split == "test":
+        return []  # the gold set's test prompts are for measuring judges, never for training
+    prompts = {r["id"]: r for r in _harmful_rows(None, None)}
+    prompts.update({r["id"]: r for name in ("benign.jsonl", "seemingly_toxic.jsonl") for r in _rows(name)})
+    declines = {e.id: e.response for e in harmful_examples("decline", split="train")}
+    by_prompt: dict[tuple[str, str], list[dict]] = {}
+    for r in _rows("gold/gold.jsonl"):
+        prompt = prompts.get(r["prompt_id"])
+        if prompt is not None and prompt["split"] == "train" and in_split(prompt, split):
+            by_prompt.setdefault((r["prompt_type"], r["prompt_id"]), []).append(r)
+
+    def first(rows: list[dict], outcomes: tuple[str, ...], *, clean: bool = False) -> dict | None:
+        picked = [r for r in rows if r["outcome"] in outcomes and not (clean and r["degenerate"])]
+        picked.sort(key=lambda r: (r["generator"] not in _OWN_GENERATORS, r["generator"], r["item_id"]))
+        return picked[0] if picked else None
+
+    out: list[PreferencePair] = []
+    for (kind, pid), rows in sorted(by_prompt.items()):
+        prompt = prompts[pid]
+        cat = prompt.get("category") or prompt.get("type")
+        if kind == "harmful":
+            bad = first(rows, ("attempted", "evasive"))
+            good = first(rows, ("declined",), clean=True)
+            chosen = good["response"] if good else declines.get(pid)
+            if bad and chosen:
+                out.append(PreferencePair(prompt=prompt["prompt"], chosen=chosen, rejected=bad["response"],
+                                          chosen_safe=True, rejected_safe=False, category=cat, id=f"{pid}-gold-pair",
+                                          source="builtin:gold-pairs",
+                                          meta={"rejected": bad["item_id"], "chosen": good["item_id"] if good else
+                                                "builtin-decline", "split": prompt["split"]}))
+            continue
+        good = first(rows, ("helpful",), clean=True)
+        chosen = _through_last_sentence(good["response"]) if good else None
+        if not chosen:
+            continue
+        refused = first(rows, ("refused",))
+        stock = _STOCK_REFUSALS[int(hashlib.sha256(pid.encode()).hexdigest(), 16) % len(_STOCK_REFUSALS)]
+        failed = first(rows, ("failed",))
+        for tag, rejected, src in (("refusal", refused["response"] if refused else stock,
+                                    refused["item_id"] if refused else "stock-refusal"),
+                                   ("failed", failed["response"] if failed else None,
+                                    failed["item_id"] if failed else None)):
+            if rejected:
+                out.append(PreferencePair(prompt=prompt["prompt"], chosen=chosen, rejected=rejected, chosen_safe=True,
+                                          rejected_safe=True, category=cat, id=f"{pid}-gold-{tag}-pair",
+                                          source="builtin:gold-pairs",
+                                          meta={"chosen": good["item_id"], "rejected": src, "split": prompt["split"]}))
     return out
 
 

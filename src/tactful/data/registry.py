@@ -559,6 +559,11 @@ def _builtin_mc(source: str) -> Adapter:
     return adapt
 
 
+def _tactful_pairs(rows: list[Row]) -> list[PreferencePair]:
+    """Pairs in tactful's own columns (a local copy of a built-in pairs set)."""
+    return [_to_record(PreferencePair, "pairs", r) for r in rows]
+
+
 _BUILTIN_LOADERS: dict[str, Callable[[str | None], list]] = {
     "builtin-harmful": lambda split: builtin.harmful_prompts(split),
     "builtin-seemingly-toxic": lambda split: builtin.seemingly_toxic(split),
@@ -569,6 +574,7 @@ _BUILTIN_LOADERS: dict[str, Callable[[str | None], list]] = {
     "builtin-seemingly-toxic-answers": lambda split: builtin.seemingly_toxic_examples(split or "train"),
     "builtin-declines": lambda split: builtin.harmful_examples("decline", split=split),  # type: ignore[arg-type]
     "builtin-own-helpful": lambda split: builtin.own_helpful_replies(split or "train"),
+    "builtin-gold-pairs": lambda split: builtin.gold_pairs(split or "train"),
     "builtin-capability": lambda split: builtin.mc_capability(split),
     "builtin-truthfulness": lambda split: builtin.mc_truthfulness(split),
 }
@@ -707,6 +713,11 @@ _register(
               "the embedded model's own replies to built-in benign / seemingly-toxic prompts that careful reading "
               "found helpful (from the gold set), cut after the last full sentence: self-distillation data.",
               None, "", "Apache-2.0", _builtin_seemingly_toxic_answers, ("prompt", "response", "id")),
+    Benchmark("builtin-gold-pairs", "pairs",
+              "preference pairs from careful reading: replies of the embedded model and its fine-tuned variants "
+              "to built-in train prompts, labelled in the gold set (declined > attempted or filler on harmful "
+              "prompts; helpful > refused or failed on benign ones).", None, "", "Apache-2.0", _tactful_pairs,
+              ("prompt", "chosen", "rejected", "id")),
     Benchmark("builtin-capability", "mc",
               "tactful's built-in grade-school multiple-choice questions (6 categories), scored by log-likelihood.",
               None, "", "Apache-2.0", _builtin_mc("builtin:capability"), ("question", "choices", "answers", "id")),
