@@ -332,7 +332,7 @@ class Evaluator:
                     groups.setdefault(json.dumps(plan.settings, sort_keys=True, default=str), []).append(plan)
         for plans in groups.values():
             if len(plans) > 1:
-                self._generate(plans, f"generating ({', '.join(p.suite for p in plans)})")
+                self._generate(plans, f"generating ({len(plans)} suites)")
 
     def _run_generative(self, suite: Suite, records: Sequence[Any], sdir: Path) -> dict[str, Any]:
         from tactful.eval.judges import JudgeItem
