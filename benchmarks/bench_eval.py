@@ -7,7 +7,7 @@ Measured on the embedded model (SmolLM2-135M-Instruct, float32), the demo's own 
 - multiple choice (the demo's 180 capability questions): logits over the whole vocabulary at every
   position (before) against `labelled_token_logps`, which projects onto the vocabulary only at the
   columns that hold a continuation token (after). Same predictions required.
-- generation (the demo's six generative suites, 429 prompts, greedy, 64 new tokens): suite by suite,
+- generation (the demo's five generative suites, 379 prompts, greedy, 64 new tokens): suite by suite,
   as the runner did (before), against every suite's prompts pooled into shared, length-sorted batches
   (after). Reports wall time, generated tokens/s and how many replies are identical.
 - converting the embedded GGUF into the float model cache (the first demo on a machine): transformers'

@@ -321,7 +321,7 @@ class Evaluator:
 
     def _generate_together(self, suites: Sequence[Suite], records: dict[str, list]) -> None:
         """Every generative suite's missing replies, pooled by generation setting: a few full
-        batches instead of one short tail batch per suite (the demo's six suites of 50-144 prompts
+        batches instead of one short tail batch per suite (the demo's five generative suites of 50-144 prompts
         would otherwise decode in batches of 8-38 rows)."""
         groups: dict[str, list[_GenerationPlan]] = {}
         for suite in suites:
