@@ -98,16 +98,17 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
     Returns (logps [B, T-1], mask [B, T-1]); masked positions hold 0.
     """
-    logits = logits[:, :-1, :]
-    targets = labels[:, 1:]
+    return _target_logps(logits[:, :-1, :], labels[:, 1:])
+
+
+def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target under the logits at the same position, and the mask of labelled ones."""
     mask = targets != IGNORE_INDEX
-    safe_targets = targets.masked_fill(~mask, 0)
     # float32: bf16 log-probs are too coarse for preference margins. logit - logsumexp avoids
     # materialising a second [B, T, vocab] log-softmax tensor (the vocab is 49k for SmolLM2).
     logits = logits.float()
-    picked = torch.gather(logits, 2, safe_targets.unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
-    return logps * mask, mask
+    picked = torch.gather(logits, 2, targets.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
 
 
 def labelled_token_logps(
@@ -135,11 +136,7 @@ def labelled_token_logps(
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     if logits.shape[1] == input_ids.shape[1] and logits.shape[1] != cols.numel():  # the argument was ignored
         logits = logits[:, :-1][:, cols]
-    kept = targets[:, cols]
-    mask = kept != IGNORE_INDEX
-    logits = logits.float()
-    picked = torch.gather(logits, 2, kept.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
+    return _target_logps(logits, targets[:, cols])
 
 
 def sequence_logps(
