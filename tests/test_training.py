@@ -254,3 +254,38 @@ def test_group_by_length_trains_sequentially_and_is_refused_elsewhere(tmp_path):
     assert args.train_sampling_strategy == "sequential"
     with pytest.raises(UserError, match="sft and dcr"):
         training_arguments(TrainingSettings(group_by_length=True), tmp_path, seed=0)
+
+
+def test_response_nll_matches_the_models_own_loss_and_gradients(tiny):
+    """SFT's loss projects to the vocabulary only at labelled columns; the loss and every
+    gradient must equal the model's own full-logits loss (rows right-padded, labels ragged)."""
+    from tactful.logprobs import response_nll
+
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 7:] = ids[0, 7:]
+    labels[1, 5:8] = ids[1, 5:8]
+    labels[2, 6:8] = ids[2, 6:8]
+    n_items = int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+    model.zero_grad()
+    own = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n_items).loss
+    own.backward()
+    own_grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    nll, n = response_nll(model, ids, mask, labels)
+    (nll / n).backward()
+    assert int(n) == n_items == 8
+    assert torch.allclose(nll / n, own, atol=1e-6)
+    for k, p in model.named_parameters():
+        if k in own_grads:
+            assert torch.allclose(p.grad, own_grads[k], atol=1e-6), k
+    model.zero_grad()
+
+    nothing = torch.full_like(ids, IGNORE_INDEX)
+    zero, none = response_nll(model, ids, mask, nothing)
+    assert float(zero.detach()) == 0.0 and int(none) == 0 and zero.requires_grad

@@ -111,23 +111,18 @@ def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     return (picked - torch.logsumexp(logits, dim=-1)) * mask, mask
 
 
-def labelled_token_logps(
+def _labelled_logits(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """As `token_logps(model(...).logits, labels)`, but the vocabulary projection and its
-    log-softmax run only at the columns where some row has a label.
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The model's logits at the columns where some row has a label (shifted by one), and the
+    targets there: ([B, K, vocab], [B, K]); None when nothing is labelled.
 
-    Scoring short continuations (multiple choice) needs the logits of a few positions per row;
-    the full [B, T, vocab] tensor (vocab 49k for SmolLM2) costs more than the rest of the
-    forward. The columns go to the model as `logits_to_keep` (transformers' own argument: soft-
-    capping and scaling stay the model's); a model without it gets the full logits, cut after.
-    Returns (logps [B, K], mask [B, K]) over the K kept columns; masked positions hold 0.
-    """
+    The columns go to the model as `logits_to_keep` (transformers' own argument: soft-capping
+    and scaling stay the model's); a model without it gets the full logits, cut after."""
     targets = labels[:, 1:]
     cols = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
     if cols.numel() == 0:
-        empty = torch.zeros((labels.shape[0], 0))
-        return empty, empty.bool()
+        return None
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=cols).logits
     except TypeError as e:  # a custom model without logits_to_keep
@@ -136,7 +131,44 @@ def labelled_token_logps(
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     if logits.shape[1] == input_ids.shape[1] and logits.shape[1] != cols.numel():  # the argument was ignored
         logits = logits[:, :-1][:, cols]
-    return _target_logps(logits, targets[:, cols])
+    return logits, targets[:, cols]
+
+
+def labelled_token_logps(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `token_logps(model(...).logits, labels)`, but the vocabulary projection and its
+    log-softmax run only at the columns where some row has a label.
+
+    Scoring short continuations (multiple choice) needs the logits of a few positions per row;
+    the full [B, T, vocab] tensor (vocab 49k for SmolLM2) costs more than the rest of the
+    forward. Returns (logps [B, K], mask [B, K]) over the K kept columns; masked positions hold 0.
+    """
+    kept = _labelled_logits(model, input_ids, attention_mask, labels)
+    if kept is None:
+        empty = torch.zeros((labels.shape[0], 0))
+        return empty, empty.bool()
+    return _target_logps(*kept)
+
+
+def response_nll(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over the labelled tokens, and their count: the SFT loss
+    before normalising, with the vocabulary projection only at labelled columns.
+
+    A chat example's prompt (template header, system prompt, request) is often half its tokens
+    or more, and at 135M parameters the [tokens x 49k] projection and its backward are a fifth
+    of a training step; the labelled columns of a length-grouped batch skip most of the prompt.
+    Gradients equal those of the full-logits loss: unlabelled positions contribute zero there."""
+    kept = _labelled_logits(model, input_ids, attention_mask, labels)
+    if kept is None:  # nothing to learn from: a zero loss still connected to the graph
+        zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return zero, torch.zeros((), dtype=torch.long)
+    logits, targets = kept
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="sum")
+    return nll, (targets != IGNORE_INDEX).sum()
 
 
 def sequence_logps(

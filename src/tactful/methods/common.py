@@ -221,6 +221,31 @@ def log_at_checkpoints() -> Any:
     return LogAtCheckpoints()
 
 
+def response_loss_trainer(**kwargs: Any) -> Any:
+    """A `transformers.Trainer` (kwargs as its own) whose causal-LM loss projects to the
+    vocabulary only at labelled columns (`logprobs.response_nll`): the same loss and gradients as
+    the model's own full-logits loss, about a tenth less time per SFT step on CPU at 135M
+    parameters (benchmarks/bench_demo.py). Normalisation follows the Trainer's: by the labelled
+    tokens of the whole accumulated batch when it counts them, else the micro-batch mean."""
+    from transformers import Trainer
+
+    from tactful.logprobs import response_nll
+
+    class ResponseLossTrainer(Trainer):
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            nll, n = response_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                loss = nll / num_items_in_batch
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes  # the Trainer's own scaling, mirrored
+            else:
+                loss = nll / n.clamp(min=1)
+            return (loss, None) if return_outputs else loss
+
+    return ResponseLossTrainer(**kwargs)
+
+
 def run_train_loss(trainer: Any, fallback: float) -> float:
     """Mean training loss over every step of the run, steps before a resume included.
 

@@ -27,6 +27,7 @@ from tactful.methods.common import (
     last_checkpoint,
     log_at_checkpoints,
     prepare_trainable,
+    response_loss_trainer,
     run_train_loss,
     save_trained,
     set_seed,
@@ -120,8 +121,6 @@ def train_sft(
     Re-running with the same output_dir resumes from the last checkpoint.
     Returns (trained model, run dir).
     """
-    from transformers import Trainer
-
     from tactful.models import load_model, training_dtype
 
     set_seed(config.seed)
@@ -138,8 +137,9 @@ def train_sft(
         dataset.group_by_length(config.training.per_device_train_batch_size, config.seed)
     ckpt_dir = run.path / "checkpoints" / adapter_subdir
     args = training_arguments(config.training, ckpt_dir, seed=config.seed, grouped=config.training.group_by_length)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ResponseCollator(tokenizer.pad_token_id),
-                      callbacks=[log_at_checkpoints(), *(callbacks or [])])
+    trainer = response_loss_trainer(model=model, args=args, train_dataset=dataset,
+                                    data_collator=ResponseCollator(tokenizer.pad_token_id),
+                                    callbacks=[log_at_checkpoints(), *(callbacks or [])])
     rich_training_progress(trainer, "SFT")
     resume = last_checkpoint(ckpt_dir) if config.resume else None
     if resume:
