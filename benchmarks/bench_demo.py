@@ -9,9 +9,10 @@ Stages, each measured on the same machine in the same process:
   thread each (after); generated tokens/s and the share of the float32 roofline (matmul rate /
   2 x parameters per token).
 - training (the alignment): `--steps` SFT steps of recipes/demo.yaml's data: padded to the longest
-  example of a random batch at max_length 256 (before) against length-grouped batches at max_length
-  192 (after); real (non-pad) tokens/s, and the Trainer's own FLOP count (6 x parameters x padded
-  tokens) per second against the float32 matmul rate.
+  example of a random batch at max_length 256 (before), length-grouped batches at max_length 192
+  (then), and the same with the vocabulary projection only at labelled columns (after); real
+  (non-pad) tokens/s, and the Trainer's own FLOP count (6 x parameters x padded tokens) per second
+  against the float32 matmul rate.
 - the base model's evaluation on a second demo: generated again (before) against read from the
   cache keyed by model, prompts and settings (after).
 
@@ -63,9 +64,18 @@ def bench_training(steps: int, gflops: float) -> list[dict[str, Any]]:
     from tactful.methods.common import LoraSettings, TrainingSettings
     from tactful.methods.sft import SFTConfig, SFTData, train_sft
 
+    from transformers import Trainer
+
+    from tactful.methods import sft
+
     rows = []
-    arms = (("before: random batches, max_length 256", 256, False), ("after: length-grouped, max_length 192", 192, True))
-    for label, max_length, grouped in arms:
+    arms = (("before: random batches, max_length 256, full logits", 256, False, False),
+            ("then: length-grouped, max_length 192, full logits", 192, True, False),
+            ("after: length-grouped, max_length 192, logits at labelled columns", 192, True, True))
+    for label, max_length, grouped, labelled_only in arms:
+        original = sft.response_loss_trainer
+        if not labelled_only:  # the model's own loss: vocabulary logits at every position
+            sft.response_loss_trainer = lambda **kw: Trainer(**kw)
         model, tok = load_model("embedded")
         n_params = sum(p.numel() for p in model.parameters())
         with tempfile.TemporaryDirectory() as d:
@@ -77,7 +87,10 @@ def bench_training(steps: int, gflops: float) -> list[dict[str, Any]]:
                             resume=False)
             counter = _TokenCounter()
             t = time.perf_counter()
-            train_sft(cfg, model=model, tokenizer=tok, callbacks=[counter.callback()], log=lambda s: None)
+            try:
+                train_sft(cfg, model=model, tokenizer=tok, callbacks=[counter.callback()], log=lambda s: None)
+            finally:
+                sft.response_loss_trainer = original
             wall = time.perf_counter() - t
         flops = 6 * n_params * counter.padded
         rows.append({"stage": "training", "arm": label, "steps": steps, "seconds": round(wall, 2),
@@ -85,7 +98,7 @@ def bench_training(steps: int, gflops: float) -> list[dict[str, Any]]:
                      "real_tokens_per_s": round(counter.real / wall, 1),
                      "trainer_gflops_per_s": round(flops / wall / 1e9, 1),
                      "roofline_fraction": round(flops / wall / 1e9 / gflops, 3)})
-        print(f"training    {label:<42} {counter.real / wall:7.1f} real tok/s, padding "
+        print(f"training    {label:<66} {counter.real / wall:7.1f} real tok/s, padding "
               f"{100 * (1 - counter.real / counter.padded):.0f}%, {flops / wall / 1e9:.0f} GFLOP/s "
               f"({100 * flops / wall / 1e9 / gflops:.0f}% of matmul rate)", flush=True)
     return rows

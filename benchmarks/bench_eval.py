@@ -4,9 +4,11 @@
     python benchmarks/bench_eval.py --skip-generation
 
 Measured on the embedded model (SmolLM2-135M-Instruct, float32), the demo's own suites:
-- multiple choice (the demo's 180 capability questions): logits over the whole vocabulary at every
-  position (before) against `labelled_token_logps`, which projects onto the vocabulary only at the
-  columns that hold a continuation token (after). Same predictions required.
+- multiple choice (the demo's 180 capability questions): each (question, choice) sequence whole with
+  logits over the whole vocabulary at every position (before); the same with `labelled_token_logps`,
+  which projects onto the vocabulary only at the columns that hold a continuation token (then); each
+  question's context run once and every choice continued from its KV cache (after). Same
+  predictions required.
 - generation (the demo's five generative suites, 379 prompts, greedy, 64 new tokens): suite by suite,
   as the runner did (before), against every suite's prompts pooled into shared, length-sorted batches
   (after). Reports wall time, generated tokens/s and how many replies are identical.
@@ -58,22 +60,25 @@ def bench_mc(model: Any, tok: Any) -> list[dict[str, Any]]:
         return token_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
 
     rows, preds = [], {}
-    for label, fn in (("before: logits at every position", full_logits),
-                      ("after: logits at continuation columns only", mc.labelled_token_logps)):
+    arms = (("before: whole sequences, logits at every position", full_logits, False),
+            ("then: whole sequences, logits at continuation columns", mc.labelled_token_logps, False),
+            ("after: each context once, choices from its KV cache", mc.labelled_token_logps, True))
+    for label, fn, share in arms:
         original = mc.labelled_token_logps
         mc.labelled_token_logps = fn
         try:
             t = time.perf_counter()
-            scores = mc.score_items(model, tok, items, batch_size=64)
+            scores = mc.score_items(model, tok, items, batch_size=64, share_context=share)
             wall = time.perf_counter() - t
         finally:
             mc.labelled_token_logps = original
         preds[label] = [s.pred for s in scores]
         rows.append({"stage": "multiple choice", "arm": label, "items": len(items), "seconds": round(wall, 2),
                      "accuracy": round(sum(s.correct for s in scores) / len(scores), 4)})
-        print(f"MC          {label:<44} {wall:6.1f} s  accuracy {rows[-1]['accuracy']:.4f}", flush=True)
-    a, b = preds.values()
-    rows[-1]["same_predictions"] = sum(x == y for x, y in zip(a, b))
+        print(f"MC          {label:<54} {wall:6.1f} s  accuracy {rows[-1]['accuracy']:.4f}", flush=True)
+    a, *others = preds.values()
+    for row, b in zip(rows[1:], others):
+        row["same_predictions"] = sum(x == y for x, y in zip(a, b))
     print(f"MC          same prediction on {rows[-1]['same_predictions']}/{len(a)} items", flush=True)
     return rows
 

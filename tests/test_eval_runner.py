@@ -147,6 +147,34 @@ def test_mc_scores_match_manual_logprob(tiny):
     assert 0 < s.mc2 <= 1
 
 
+def test_mc_shared_context_equals_whole_sequences_and_hooked_models_score_whole(tiny, monkeypatch):
+    from tactful.data.records import MCItem
+    from tactful.eval import multiple_choice as mc
+
+    model, tok = tiny
+    items = [MCItem(question="Which is a colour?", choices=["red", "table", "seven apples"], answers=[0]),
+             MCItem(question="2+2?", choices=["4", "five and a half"], answers=[0]),
+             MCItem(question="Which city is the capital of France, a country in western Europe?",
+                    choices=["Paris", "Lyon", "Marseille on the coast", "Nice"], answers=[0],
+                    context="A geography quiz.")]
+    whole = mc.score_items(model, tok, items, batch_size=4, share_context=False)
+    shared = mc.score_items(model, tok, items, batch_size=4, share_context=True)
+    for w, s in zip(whole, shared):
+        assert s.logps == pytest.approx(w.logps, abs=1e-4)
+        assert (s.pred, s.pred_norm) == (w.pred, w.pred_norm)
+
+    def refuse(*a, **kw):
+        raise AssertionError("a hooked model must not share contexts")
+
+    monkeypatch.setattr(mc, "_shared_context_logps", refuse)
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        hooked = mc.score_items(model, tok, items, batch_size=4)
+    finally:
+        handle.remove()
+    assert [h.logps for h in hooked] == [w.logps for w in whole]
+
+
 def test_rejudge_scores_saved_replies_with_another_judge_without_a_model(tmp_path):
     from tactful.eval.runner import rejudge
 

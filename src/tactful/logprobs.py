@@ -98,11 +98,12 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
     Returns (logps [B, T-1], mask [B, T-1]); masked positions hold 0.
     """
-    return _target_logps(logits[:, :-1, :], labels[:, 1:])
+    return target_logps(logits[:, :-1, :], labels[:, 1:])
 
 
-def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target under the logits at the same position, and the mask of labelled ones."""
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target under the logits at the same position (no shift), and the mask of
+    labelled ones; masked positions hold 0."""
     mask = targets != IGNORE_INDEX
     # float32: bf16 log-probs are too coarse for preference margins. logit - logsumexp avoids
     # materialising a second [B, T, vocab] log-softmax tensor (the vocab is 49k for SmolLM2).
@@ -148,7 +149,7 @@ def labelled_token_logps(
     if kept is None:
         empty = torch.zeros((labels.shape[0], 0))
         return empty, empty.bool()
-    return _target_logps(*kept)
+    return target_logps(*kept)
 
 
 def response_nll(
