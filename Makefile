@@ -23,7 +23,8 @@ UV      = uv==0.13.9
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH)"
-	if $(BIN)/python -m pip install -q $(UV); then \
+	@echo "installing the locked set with $(UV) (with pip where uv cannot be installed)"
+	@if $(BIN)/python -m pip install -q $(UV); then \
 	  $(BIN)/uv pip install -q --python $(BIN)/python --no-deps $(WHEELS) && \
 	  $(BIN)/uv pip install -q --python $(BIN)/python -c $(LOCK) -e '.[dev]'; \
 	else \

@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -86,9 +87,14 @@ def apply_lora(model: Any, lora: LoraSettings, *, adapter_name: str = "default")
                         f"linear modules present: {', '.join(sorted(_linear_names(model)))}")
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                      layers_to_transform=lora.layers, task_type="CAUSAL_LM")
+    # PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a
+    # FutureWarning on every `tactful train` that no user can act on, so that one is silenced here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = get_peft_model(model, cfg, adapter_name=adapter_name)
     # On a model built without weights (RAM-efficient FSDP loading) PEFT puts the new factors on
     # the meta device too; the optimizer needs them real (`materialize_trainable`).
-    return materialize_trainable(get_peft_model(model, cfg, adapter_name=adapter_name))
+    return materialize_trainable(wrapped)
 
 
 def _linear_names(model: Any) -> set[str]:
