@@ -18,8 +18,8 @@ UV      = uv==0.13.9
 
 # torch comes through pip, which reads the machine's pip configuration (where a CPU build may
 # lie on disk); everything else through uv, pinned, which installs the same locked versions
-# ~10x faster than pip (6 s instead of 53 s on 2 cores): install time counts towards the demo's
-# ten minutes. Where uv cannot be installed, pip does it all.
+# ~10x faster than pip (7 s instead of 78 s: benchmarks/bench_install.sh), and the install
+# counts towards the demo's ten minutes. Where uv cannot be installed, pip does it all.
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH)"
