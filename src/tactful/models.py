@@ -637,11 +637,18 @@ def merged_for_inference(model: Any) -> Any:
         return model
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return model
-    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+    if has_forward_hooks(model):
         return model
     merged = model.merge_and_unload()
     merged.eval()
     return merged
+
+
+def has_forward_hooks(model: Any) -> bool:
+    """Whether any submodule has forward (pre-)hooks: they may keep per-call state (SafeMoE's
+    router, the refusal guard), so callers that merge weights, split a prompt across calls or
+    run threads keep such a model as it is."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def tiny_model(

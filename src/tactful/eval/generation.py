@@ -174,9 +174,11 @@ class HFGenerator:
     def _workers(self, n_prompts: int) -> int:
         import torch
 
+        from tactful.models import has_forward_hooks
+
         if self.workers is not None:
             return max(1, min(self.workers, n_prompts))
-        if _model_device(self.model).type != "cpu" or _has_hooks(self.model):
+        if _model_device(self.model).type != "cpu" or has_forward_hooks(self.model):
             return 1  # a GPU runs one batch best; hooks may keep per-forward state (not thread-safe)
         return max(1, min(torch.get_num_threads(), n_prompts))
 
@@ -322,10 +324,6 @@ class HFGenerator:
                 )
                 next_pos = next_pos + 1
         return out
-
-
-def _has_hooks(model: Any) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def _run_parallel(run: Callable[[list[int]], None], batches: list[list[int]], workers: int) -> None:

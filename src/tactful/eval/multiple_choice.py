@@ -56,9 +56,11 @@ def score_items(
         ctx = tokenizer(mc_context(item), add_special_tokens=False)["input_ids"]
         conts = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] for c in item.choices]
         encoded.append((ctx, conts))
+    from tactful.models import has_forward_hooks
+
     auto = share_context is None
     if auto:
-        share_context = not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        share_context = not has_forward_hooks(model)
     with torch.inference_mode():
         try:
             score = _shared_context_logps if share_context else _whole_sequence_logps
