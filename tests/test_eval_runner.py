@@ -158,10 +158,11 @@ def test_mc_shared_context_equals_whole_sequences_and_hooked_models_score_whole(
                     choices=["Paris", "Lyon", "Marseille on the coast", "Nice"], answers=[0],
                     context="A geography quiz.")]
     whole = mc.score_items(model, tok, items, batch_size=4, share_context=False)
-    shared = mc.score_items(model, tok, items, batch_size=4, share_context=True)
-    for w, s in zip(whole, shared):
-        assert s.logps == pytest.approx(w.logps, abs=1e-4)
-        assert (s.pred, s.pred_norm) == (w.pred, w.pred_norm)
+    for batch_size in (4, 16):  # one item per forward; all three at once, contexts left-padded
+        shared = mc.score_items(model, tok, items, batch_size=batch_size, share_context=True)
+        for w, s in zip(whole, shared):
+            assert s.logps == pytest.approx(w.logps, abs=1e-4)
+            assert (s.pred, s.pred_norm) == (w.pred, w.pred_norm)
 
     def refuse(*a, **kw):
         raise AssertionError("a hooked model must not share contexts")

@@ -51,13 +51,13 @@ def score_items(
     """Score every item's choices. share_context: run each context once and continue every
     choice from its KV cache (None: when the model has no forward hooks, which may keep
     per-sequence state); the log-probs equal whole-sequence scoring up to float rounding."""
+    from tactful.models import has_forward_hooks
+
     encoded = []
     for item in items:
         ctx = tokenizer(mc_context(item), add_special_tokens=False)["input_ids"]
         conts = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] for c in item.choices]
         encoded.append((ctx, conts))
-    from tactful.models import has_forward_hooks
-
     auto = share_context is None
     if auto:
         share_context = not has_forward_hooks(model)
@@ -157,8 +157,9 @@ def _shared_context_logps(model: Any, tokenizer: Any, encoded: Encodings, batch_
             cont_ids = torch.full((len(owner), n), pad, dtype=torch.long)
             cont_mask = torch.zeros((len(owner), n), dtype=torch.long)
             for k, cont in enumerate(conts):
-                cont_ids[k, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-                cont_mask[k, : len(cont) - 1] = 1
+                if len(cont) > 1:
+                    cont_ids[k, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                    cont_mask[k, : len(cont) - 1] = 1
             cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
             cache = returned_cache(res)
             cache.batch_select_indices(sel)
