@@ -171,6 +171,24 @@ def test_safemoe_routes_every_linear_of_every_decoder_layer(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_multiple_choice_from_a_shared_context_equals_whole_sequences(arch, arch_model):
+    """Each context once and every choice from its KV cache (left-padded contexts, sliding-window
+    caches: contexts past the 32-token window) scores what whole sequences score."""
+    from tactful.data.records import MCItem
+    from tactful.eval.multiple_choice import score_items
+
+    model, tok = arch_model(arch)
+    long = "A long preamble about geography, rivers, mountains and the capitals of Europe. " * 4
+    items = [MCItem(question="Which is a colour?", choices=["red", "table", "seven apples"], answers=[0]),
+             MCItem(question="2+2?", choices=["4", "five and a half"], answers=[0], context=long),
+             MCItem(question="Capital of France?", choices=["Paris", "Marseille on the coast"], answers=[0])]
+    whole = score_items(model, tok, items, batch_size=16, share_context=False)
+    shared = score_items(model, tok, items, batch_size=16, share_context=True)
+    for w, s in zip(whole, shared):
+        assert s.logps == pytest.approx(w.logps, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_lora_roles_resolve_to_the_architecture_s_modules(arch, arch_model):
     model, _ = arch_model(arch)
     targets = architectures.lora_target_modules(model, architectures.DEFAULT_LORA_ROLES)
