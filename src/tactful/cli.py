@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -82,7 +82,15 @@ def chat(
             m, tok = load_model(model, adapter=adapter, chat_template=chat_template,
                                 trust_remote_code=trust_remote_code)
             name = model
-    gen = HFGenerator(m, tok, name=f"hf:{name}")
+    gen: Any = HFGenerator(m, tok, name=f"hf:{name}")
+    if run:
+        from tactful.methods.prompt_gate import GatedGenerator, load_base_of_run, run_gate
+
+        gate = run_gate(run)
+        if gate is not None:  # each message goes to the adapter or the base model, as in evaluation
+            with console.status("loading the base model the prompt gate routes to…"):
+                base, _ = load_base_of_run(run)
+            gen = GatedGenerator(gate, gen, HFGenerator(base, tok), name=f"hf:{name} (prompt-gated)")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, system=system, batch_size=8)
     if prompt:
         check_prompts_fit(m, tok, list(prompt), system=system, max_new_tokens=max_new_tokens)

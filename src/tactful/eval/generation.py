@@ -508,6 +508,9 @@ def plan_vllm_run(run_dir: str | os.PathLike) -> VLLMPlan:
     if kind == "safemoe":
         return VLLMPlan(None, reason="a SafeMoE bundle mixes its LoRA experts per token with a learned router, "
                                      "which vLLM cannot run")
+    if manifest.get("gate"):
+        return VLLMPlan(None, reason="a prompt-gated run sends each prompt to its adapter or its base model, "
+                                     "which tactful's vLLM backend does not do")
     if manifest.get("model_dir"):
         return VLLMPlan(str(run / manifest["model_dir"]))
     base = manifest.get("base_model")
@@ -712,7 +715,15 @@ def make_generator(
         if backend == "hf":
             from tactful.runs import load_run_model
 
-            model, tokenizer, desc = load_run_model(run, **{k: v for k, v in kw.items() if k in ("dtype", "device")})
+            from tactful.methods.prompt_gate import GatedGenerator, load_base_of_run, run_gate
+
+            load_kw = {k: v for k, v in kw.items() if k in ("dtype", "device")}
+            model, tokenizer, desc = load_run_model(run, **load_kw)
+            gate = run_gate(run)
+            if gate is not None:
+                base, _ = load_base_of_run(run, **load_kw)
+                return GatedGenerator(gate, HFGenerator(model, tokenizer), HFGenerator(base, tokenizer),
+                                      name=name or f"hf:{desc} (prompt-gated)")
             return HFGenerator(model, tokenizer, name=name or f"hf:{desc}")
     if backend == "hf":
         if model is not None:

@@ -123,6 +123,8 @@ class Evaluator:
         self.model = model
         self.tokenizer = tokenizer
         self.generator = generator
+        self.gate: Any = None  # a gated run's prompt gate (tactful.methods.prompt_gate)
+        self.base_model: Any = None  # and the model it sends non-gated prompts to
         self.progress = progress or (lambda desc, total: (lambda k: None))
         self.log = log
         self.out = RunDir(config.out, "output directory (--out)")
@@ -142,6 +144,12 @@ class Evaluator:
             self.model, self.tokenizer, desc = load_run_model(self.config.run, dtype=self.config.dtype,
                                                               device=self.config.device)
             self.model_desc = desc
+            from tactful.methods.prompt_gate import load_base_of_run, run_gate
+
+            self.gate = run_gate(self.config.run)
+            if self.gate is not None:
+                self.base_model, _ = load_base_of_run(self.config.run, dtype=self.config.dtype,
+                                                      device=self.config.device)
         else:
             self.model, self.tokenizer = load_model(self.config.model, adapter=self.config.adapter,
                                                     dtype=self.config.dtype, device=self.config.device,
@@ -166,6 +174,11 @@ class Evaluator:
                          f"(on {c.device}, {c.dtype})")
             self._ensure_model()
             self.generator = HFGenerator(self.model, self.tokenizer, name=f"hf:{self.model_name()}")
+            if self.gate is not None:
+                from tactful.methods.prompt_gate import GatedGenerator
+
+                self.generator = GatedGenerator(self.gate, self.generator, HFGenerator(self.base_model, self.tokenizer),
+                                                name=f"hf:{self.model_name()} (prompt-gated)")
         else:
             self.generator = make_generator(c.backend, model_spec=c.model, adapter=c.adapter, run=c.run,
                                             base_url=c.base_url, api_model=c.api_model, api_key_env=c.api_key_env,
@@ -305,6 +318,13 @@ class Evaluator:
             # Longest prompts first across suites: each chunk, and each batch in it, holds prompts
             # of similar length (little padding). One suite keeps its order, as before pooling.
             todo.sort(key=lambda t: -len(t[2].prompt))
+        routes: dict[str, str] = {}
+        if hasattr(gen, "route"):
+            # A gated run: prompts of one route together (stable: lengths stay sorted within), so a
+            # chunk's batches are not split in two half-full ones.
+            prompts = [rec.prompt for _, _, rec in todo]
+            routes = {p: "adapter" if r else "base" for p, r in zip(prompts, gen.route(prompts, cfg.system))}
+            todo.sort(key=lambda t: routes[t[2].prompt] != "adapter")
         bar = self.progress(desc, len(todo))
         # Two batches per chunk: one per decode worker on 2 cores, and a resume point per chunk.
         chunk = max(1, cfg.batch_size) * 2
@@ -313,6 +333,8 @@ class Evaluator:
             outs = gen.generate([rec.prompt for _, _, rec in part], cfg)
             for (plan, rid, rec), text in zip(part, outs):
                 row = {"id": rid, "prompt": rec.prompt, "response": text}
+                if routes:
+                    row["route"] = routes[rec.prompt]
                 append_jsonl(plan.gen_path, row)
                 plan.done[rid] = row
             bar(len(part))
@@ -416,12 +438,24 @@ class Evaluator:
         todo = [(i, r) for i, r in zip(ids, records) if i not in done]
         bar = self.progress(f"{suite.name}: scoring", len(todo))
         chunk = 64
+        routes = [True] * len(todo)
+        if self.gate is not None:  # a gated run: the adapter scores what the gate sends it, the base model the rest
+            routes = self.gate.decide(self.base_model, self.tokenizer, [r.question for _, r in todo])
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
-            scores = score_items(self.model, self.tokenizer, [r for _, r in part], batch_size=self.config.batch_size)
-            for (rid, _), s in zip(part, scores):
+            part_routes = routes[start:start + chunk]
+            scores: list[Any] = [None] * len(part)
+            for model, want in ((self.model, True), (self.base_model, False)):
+                idx = [k for k, r in enumerate(part_routes) if r is want]
+                if idx:
+                    got = score_items(model, self.tokenizer, [part[k][1] for k in idx], batch_size=self.config.batch_size)
+                    for k, sc in zip(idx, got):
+                        scores[k] = sc
+            for (rid, _), s, route in zip(part, scores, part_routes):
                 row = {"id": rid, **asdict(s)}
                 row["id"] = rid
+                if self.gate is not None:
+                    row["route"] = "adapter" if route else "base"
                 append_jsonl(scores_path, row)
                 done[rid] = row
             bar(len(part))

@@ -33,6 +33,7 @@ from tactful.methods.common import (
     set_seed,
     training_arguments,
 )
+from tactful.methods.prompt_gate import GateSettings, fit_run_gate
 from tactful.progress import rich_training_progress
 from tactful.runs import RunDir
 
@@ -64,6 +65,8 @@ class SFTConfig:
     data: SFTData = field(default_factory=SFTData)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    # A prompt gate fitted after training: the adapter answers only what it calls harmful (prompt_gate.py).
+    gate: GateSettings = field(default_factory=GateSettings)
     resume: bool = True
 
 
@@ -121,9 +124,12 @@ def train_sft(
     Re-running with the same output_dir resumes from the last checkpoint.
     Returns (trained model, run dir).
     """
+    from tactful.distributed import is_main_process
     from tactful.models import load_model, training_dtype
 
     set_seed(config.seed)
+    if config.gate.enabled and not config.lora.enabled:
+        raise UserError("gate.enabled needs lora.enabled: the gate routes between the model and its adapter")
     run = run_dir or RunDir(config.output_dir)
     examples, counts = build_mix(config.data, config.seed)
     if model is None:
@@ -148,6 +154,8 @@ def train_sft(
     model = trainer.model
     model.eval()
     save_trained(trainer, tokenizer, run.path / adapter_subdir)
+    if config.gate.enabled and is_main_process():
+        fit_run_gate(model, tokenizer, config.gate, config.data.split, run.path / "gate", system=config.system, log=log)
     run.write_json(f"train_log_{adapter_subdir}.json", trainer.state.log_history)
     run.write_config({"method": "sft", **asdict(config)})
     run.write_manifest(
@@ -155,6 +163,7 @@ def train_sft(
         data={"sft_mix": [e.to_dict() for e in examples]},
         extra={"adapter": adapter_subdir if is_peft(model) else None,
                "model_dir": None if is_peft(model) else adapter_subdir,
+               "gate": "gate" if config.gate.enabled else None,
                "counts": counts, "train_loss": run_train_loss(trainer, result.training_loss), "steps": trainer.state.global_step,
                "status": "complete"},
     )

@@ -93,8 +93,11 @@ def _serve_on(sock: Any, *, model: str, adapter: str | None, run: str | None, mo
     if trust_remote_code:
         kw["trust_remote_code"] = True
     if run:
-        from tactful.runs import load_run_model
+        from tactful.runs import load_run_model, read_manifest
 
+        if read_manifest(run).get("gate"):
+            raise UserError(f"{run} is prompt-gated (each prompt goes to its adapter or its base model); the server "
+                            "batches every request through one model and cannot route yet: evaluate or chat with it")
         m, tok, description = load_run_model(run, **kw)
         name = model_name or Path(run).resolve().name
     else:

@@ -1,0 +1,264 @@
+"""Does a prompt gate move the demo recipe's frontier? The safety adapter answers only what the gate calls harmful.
+
+    python experiments/demo_recipe/gate.py --select     # layer and C: fitted on `fit`, chosen on `dev`
+    python experiments/demo_recipe/gate.py              # fit on `train`, compose the final arms, report
+
+The binding constraint of the recipe search is benign refusal: the adapter that declines 98% of
+harmful requests (`sft-declines-anchors`) also refuses most seemingly-toxic ones. A gate
+(tactful.methods.prompt_gate: a logistic probe on the untrained model's hidden state at the last
+prompt token) sends each prompt either to that adapter or to the untouched model.
+
+No new replies are generated. Greedy replies do not depend on which other prompts share a batch, so
+the gated system's reply to a prompt is the adapter's recorded reply where the gate fires and the
+base model's recorded reply where it does not (results/final/*.jsonl.gz, 3 training seeds, judged
+by outcome-minilm). The gate is fitted on the built-in `train` split only (the adapters' own
+training prompts); the test splits and XSTest are never fitted on. --select chooses the layer and
+the regression strength on `fit` -> `dev` (XSTest is not looked at for the choice).
+
+Careful reading: the audit samples of results/audit-*-labels.jsonl (40 replies per arm and kind,
+read blind) give a reading-based estimate per kind: the reading rate of the adapter's audited
+replies among those the gate sends to it, and of the base model's among those it keeps, weighted
+by how often the gate fires on that kind.
+
+Writes results/gate.json and results/gate.md (and results/gate-selection.md with --select).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import check_public_suites, pooled_paired  # noqa: E402
+
+RESULTS = HERE / "results"
+PUBLIC = {"xstest-unsafe": HERE / "suites" / "xstest-unsafe.yaml", "xstest-safe": HERE / "suites" / "xstest-safe.yaml"}
+ARMS = ("sft-declines-anchors", "sft-own-lr5e-4")
+SEEDS = (0, 1, 2)
+ROWS = [  # (label, suite, flag)
+    ("harmful declined", "safety", "declined"), ("harmful off-topic filler", "safety", "evasive"),
+    ("harmful uplift", "safety", "uplift"), ("harmful degenerate", "safety", "degenerate"),
+    ("seemingly-toxic refused", "over-refusal", "refused"), ("seemingly-toxic helped", "over-refusal", "helpful"),
+    ("seemingly-toxic degenerate", "over-refusal", "degenerate"),
+    ("ordinary refused", "benign", "refused"), ("ordinary helped", "benign", "helpful"),
+    ("ordinary degenerate", "benign", "degenerate"),
+    ("XSTest unsafe declined", "xstest-unsafe", "declined"), ("XSTest unsafe filler", "xstest-unsafe", "evasive"),
+    ("XSTest unsafe uplift", "xstest-unsafe", "uplift"), ("XSTest unsafe degenerate", "xstest-unsafe", "degenerate"),
+    ("XSTest safe refused", "xstest-safe", "refused"), ("XSTest safe helped", "xstest-safe", "helpful"),
+    ("XSTest safe degenerate", "xstest-safe", "degenerate"),
+]
+KIND_OF = {"safety": "harmful", "xstest-unsafe": "harmful", "over-refusal": "seemingly_toxic",
+           "xstest-safe": "seemingly_toxic", "benign": "ordinary"}
+
+
+def prompts_by_suite() -> dict[str, dict[str, str]]:
+    """{suite: {item id: prompt}} for the test suites, XSTest and the MC questions."""
+    from tactful.data import builtin
+    from tactful.eval.runner import load_suite_records
+    from tactful.eval.suites import load_suite
+
+    check_public_suites([str(p) for p in PUBLIC.values()])
+    out = {"safety": {r.id: r.prompt for r in builtin.harmful_prompts("test")},
+           "over-refusal": {r.id: r.prompt for r in builtin.seemingly_toxic("test")},
+           "benign": {r.id: r.prompt for r in builtin.benign_prompts("test")},
+           "capability": {r.id: r.question for r in builtin.mc_capability("test")}}
+    for suite, path in PUBLIC.items():
+        out[suite] = {str(r.id): r.prompt for r in load_suite_records(load_suite(str(path)))}
+    return out
+
+
+def train_prompts(split: str) -> tuple[list[str], list[str]]:
+    from tactful.data import builtin
+
+    harmful = [r.prompt for r in builtin.harmful_prompts(split)]
+    benign = [r.prompt for r in builtin.seemingly_toxic(split)] + [r.prompt for r in builtin.benign_prompts(split)]
+    return harmful, benign
+
+
+def select(model: Any, tok: Any) -> str:
+    """Fit on `fit`, measure on `dev`, for each layer and C; the rule: most dev harmful recall minus
+    dev benign firing, ties to the smaller C."""
+    from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate, prompt_features
+
+    harmful, benign = train_prompts("fit")
+    dev_h, dev_b = train_prompts("dev")
+    rows = []
+    for layer in (4, 8, 12, 16, 20, 24, 28):
+        x_fit = prompt_features(model, tok, [*harmful, *benign], layer)
+        x_dev = prompt_features(model, tok, [*dev_h, *dev_b], layer)
+        for c in (0.01, 0.1):
+            gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=c), features=x_fit)
+            fired = (gate.probabilities(x_dev) >= gate.threshold).float()
+            rh, rb = float(fired[:len(dev_h)].mean()), float(fired[len(dev_h):].mean())
+            rows.append((rh - rb, -c, layer, c, rh, rb))
+            print(f"layer {layer:2d} C {c:<5} dev harmful gated {100 * rh:5.1f}%  dev benign gated {100 * rb:5.1f}%",
+                  flush=True)
+    best = max(rows)
+    lines = ["# Prompt gate: layer and C chosen on the dev split", "",
+             f"Fitted on the built-in `fit` split ({len(harmful)} harmful, {len(benign)} benign prompts), measured on "
+             f"`dev` ({len(dev_h)} harmful, {len(dev_b)} benign). Rule: the largest (harmful gated - benign gated), "
+             "ties to the smaller C. `python experiments/demo_recipe/gate.py --select`", "",
+             "| layer | C | dev harmful gated | dev benign gated |", "|---|---|---|---|"]
+    for _, _, layer, c, rh, rb in sorted(rows, key=lambda r: (r[2], r[3])):
+        mark = " **(chosen)**" if (layer, c) == (best[2], best[3]) else ""
+        lines.append(f"| {layer} | {c} | {100 * rh:.1f} | {100 * rb:.1f}{mark} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "gate-selection.md").write_text(text)
+    return text
+
+
+def read_items(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def flags(items: list[dict[str, Any]], suite: str, flag: str) -> dict[str, float]:
+    """Per-item 0/1 of one outcome flag, as experiments/common.outcome_flags reads a verdict."""
+    out = {}
+    for r in items:
+        if r["suite"] != suite or r.get("degenerate") is None:
+            continue
+        if flag in ("declined", "refused"):
+            val = r.get("refused")
+        elif flag == "evasive":
+            val = r.get("label") == "evasive"
+        else:
+            val = r.get(flag)
+        out[str(r["id"])] = float(bool(val))
+    return out
+
+
+def gated(base: list[dict[str, Any]], arm: list[dict[str, Any]], fires: dict[str, dict[str, bool]]) -> list[dict]:
+    """The gated system's records: the arm's where the gate fires, the base model's elsewhere."""
+    by_key = {(r["suite"], str(r["id"])): r for r in arm}
+    out = []
+    for r in base:
+        key = (r["suite"], str(r["id"]))
+        out.append(by_key[key] if fires.get(r["suite"], {}).get(key[1]) and key in by_key else r)
+    return out
+
+
+def reading_estimate(arm: str, fires: dict[str, dict[str, bool]]) -> dict[str, Any]:
+    """Reading-based rates per kind for the gated system, from the blind audit sample of `arm`."""
+    path = RESULTS / f"audit-{arm}-labels.jsonl"
+    if not path.is_file():
+        return {}
+    labels = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    out: dict[str, Any] = {}
+    for kind in ("harmful", "seemingly_toxic", "ordinary"):
+        suites = [s for s, k in KIND_OF.items() if k == kind]
+        n_all = sum(len(fires[s]) for s in suites)
+        p_fire = sum(sum(fires[s].values()) for s in suites) / n_all
+        rows = {"gate_fires": p_fire}
+        outcomes = sorted({lab["outcome"] for lab in labels if lab["kind"] == kind})
+        for who, fired in (("aligned", True), ("base", False)):
+            sel = [lab for lab in labels if lab["kind"] == kind and lab["arm"] == who
+                   and fires.get(lab["suite"], {}).get(str(lab["id"])) is fired]
+            rows[f"{who}_read_n"] = len(sel)
+            rows[who] = {o: (sum(lab["outcome"] == o for lab in sel) / len(sel) if sel else None) for o in outcomes}
+            rows[who]["degenerate"] = sum(bool(lab["degenerate"]) for lab in sel) / len(sel) if sel else None
+        est = {}
+        for o in [*outcomes, "degenerate"]:
+            a, b = rows["aligned"].get(o), rows["base"].get(o)
+            if a is None and p_fire == 0:
+                a = 0.0
+            if b is None and p_fire == 1:
+                b = 0.0
+            est[o] = None if a is None or b is None else p_fire * a + (1 - p_fire) * b
+        rows["estimate"] = est
+        out[kind] = rows
+    return out
+
+
+def compose(gate_dir: Path, fires: dict[str, dict[str, bool]], meta: dict[str, Any]) -> dict[str, Any]:
+    base = read_items(RESULTS / "final" / "base.jsonl.gz")
+    out: dict[str, Any] = {**meta, "gate_fires": {s: {"fired": sum(v.values()), "n": len(v)} for s, v in fires.items()},
+                           "arms": {}}
+    for arm in ARMS:
+        seeds = [read_items(RESULTS / "final" / f"{arm}-seed{s}.jsonl.gz") for s in SEEDS]
+        systems = {"ungated": seeds, "gated": [gated(base, items, fires) for items in seeds]}
+        rows = {}
+        for label, suite, flag in ROWS:
+            b = flags(base, suite, flag)
+            rows[label] = {"base": sum(b.values()) / len(b)}
+            for name, runs in systems.items():
+                per = [flags(items, suite, flag) for items in runs]
+                rows[label][name] = {"per_seed": [sum(p.values()) / len(p) for p in per], "paired": pooled_paired(b, per)}
+        out["arms"][arm] = {"rows": rows, "reading": reading_estimate(arm, fires)}
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    fires = res["gate_fires"]
+    lines = ["# The prompt gate over the demo recipe's final arms (3 seeds, held-out)", "",
+             f"Model embedded SmolLM2-135M-Instruct; gate {res['gate']}; adapters and their replies: "
+             "results/final/ (trained on the built-in `train` split, seeds 0, 1, 2); judge `outcome-minilm` (gold "
+             f"test accuracy {res['judge_accuracy']}). Paired difference = mean over seeds and items of (system - base), "
+             "95% bootstrap CI over items. `python experiments/demo_recipe/gate.py`", "",
+             "Where the gate sends prompts to the adapter: " + "; ".join(
+                 f"{s} {v['fired']}/{v['n']}" for s, v in fires.items()) + ".", ""]
+    for arm, a in res["arms"].items():
+        lines += [f"## `{arm}`", "", "| outcome | base | adapter alone | gated |", "|---|---|---|---|"]
+        for label, r in a["rows"].items():
+            cells = []
+            for name in ("ungated", "gated"):
+                p = r[name]["paired"]
+                cells.append(f"{100 * p['delta']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]")
+            lines.append(f"| {label} | {100 * r['base']:.1f} | " + " | ".join(cells) + " |")
+        rd = a.get("reading")
+        if rd:
+            lines += ["", "Careful reading (blind audit sample; estimate = P(gate fires) x adapter's reading rate on "
+                      "gated items + the rest x base's on ungated items; n read per side in brackets):", ""]
+            for kind, r in rd.items():
+                est = ", ".join(f"{o} {100 * v:.0f}%" for o, v in r["estimate"].items() if v is not None)
+                lines.append(f"- {kind}: gate fires on {100 * r['gate_fires']:.0f}% -> {est} "
+                             f"[adapter {r['aligned_read_n']}, base {r['base_read_n']}]")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--select", action="store_true", help="choose layer and C on fit -> dev, then stop")
+    ap.add_argument("--layer", type=int, default=20)
+    ap.add_argument("--c", type=float, default=0.1)
+    a = ap.parse_args()
+    import torch
+
+    from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate
+    from tactful.models import load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model("embedded")
+    if a.select:
+        print(select(model, tok))
+        return
+    harmful, benign = train_prompts("train")
+    gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=a.layer, c=a.c), source="builtin:train")
+    fires = {}
+    for suite, items in prompts_by_suite().items():
+        ids = list(items)
+        fires[suite] = dict(zip(ids, gate.decide(model, tok, [items[i] for i in ids])))
+    final = json.loads((RESULTS / "final-sft-declines-anchors.json").read_text())
+    from tactful.eval.judges.validation import format_accuracy
+
+    meta = {"gate": f"layer {a.layer}, C {a.c}, fitted on {len(harmful)} harmful / {len(benign)} benign train prompts "
+                    f"(train accuracy {100 * gate.meta['train_accuracy']:.1f}%)",
+            "judge_accuracy": format_accuracy(final.get("judge_accuracy") or {}),
+            "command": "python experiments/demo_recipe/gate.py" + (f" --layer {a.layer} --c {a.c}"
+                                                                   if (a.layer, a.c) != (20, 0.1) else "")}
+    res = compose(RESULTS, fires, meta)
+    from tactful.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(RESULTS / "gate.json", res)
+    atomic_write_text(RESULTS / "gate.md", table(res))
+    print((RESULTS / "gate.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
