@@ -125,3 +125,15 @@ def test_loading_a_model_leaves_progress_bars_as_the_caller_set_them():
         hf_logging.enable_progress_bar()
     load_model("embedded")
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_gate_line_counts_where_each_suite_went(tmp_path):
+    assert demo.gate_line(tmp_path) is None  # an ungated model's evaluation has no routes
+    (tmp_path / "safety").mkdir()
+    (tmp_path / "safety" / "items.jsonl").write_text(
+        "".join(json.dumps({"id": str(i), "route": "adapter" if i < 3 else "base"}) + "\n" for i in range(4)))
+    (tmp_path / "capability").mkdir()
+    (tmp_path / "capability" / "scores.jsonl").write_text(json.dumps({"id": "q", "route": "base"}) + "\n")
+    line = demo.gate_line(tmp_path)
+    assert "harmful 3/4" in line and "MC 0/1" in line and "seemingly" not in line
+    assert all(len(x) <= demo.CARD_WIDTH for x in line.splitlines())

@@ -138,6 +138,24 @@ def test_a_gated_sft_run_evaluates_through_its_gate(tmp_path, tiny_dir):
     want = base_gen.generate([d["prompt"] for d in data[3:]], GenerationConfig(max_new_tokens=3))
     assert [r["response"] for r in rows if r["route"] == "base"] == want
 
+    # with an earlier evaluation of the base model, base-routed prompts take its replies (not generated again)
+    Evaluator(EvalConfig(model=tiny_dir, suites=[str(suite)], out=str(tmp_path / "base-eval")), log=lambda s: None).run()
+    base_rows = {json.loads(x)["id"]: json.loads(x)["response"]
+                 for x in (tmp_path / "base-eval" / "mini" / "generations.jsonl").read_text().splitlines()}
+    ev2 = Evaluator(EvalConfig(run=str(run.path), suites=[str(suite)], out=str(tmp_path / "eval2"),
+                               base_eval=str(tmp_path / "base-eval")), log=lambda s: None)
+    ev2.run()
+    assert ev2.generator.reused == 3
+    rows2 = [json.loads(x) for x in (tmp_path / "eval2" / "mini" / "generations.jsonl").read_text().splitlines()]
+    assert {r["id"]: r["response"] for r in rows2 if r["route"] == "base"} == {k: base_rows[k] for k in ("b30", "b31", "b32")}
+    assert [r for r in rows2 if r["route"] == "adapter"] == [r for r in rows if r["route"] == "adapter"]
+    # replies another model made are never taken
+    from tactful.methods.prompt_gate import read_base_replies
+
+    assert read_base_replies(tmp_path / "base-eval", "embedded") == {}
+    with pytest.raises(UserError, match="no such folder"):
+        read_base_replies(tmp_path / "nowhere", tiny_dir)
+
 
 def test_gate_needs_lora(tmp_path):
     from tactful.methods.common import LoraSettings

@@ -175,6 +175,22 @@ def reading_estimate(arm: str, fires: dict[str, dict[str, bool]]) -> dict[str, A
     return out
 
 
+def judge_agreement(arm: str, fires: dict[str, dict[str, bool]]) -> dict[str, Any]:
+    """How often the judge's refused flag agrees with careful reading (declined / refused) on the
+    audited replies the gated system gives (the adapter's where the gate fires, the base model's
+    elsewhere), and on the base model's; the shape of audit-*.json's `judge_agreement`."""
+    from tactful.eval import metrics as M
+
+    path = RESULTS / f"audit-{arm}-labels.jsonl"
+    labels = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+    def agree(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return M.rate([bool(r["judge"]["refused"]) == (r["outcome"] in ("declined", "refused")) for r in rows]).to_dict()
+
+    gated = [r for r in labels if fires.get(r["suite"], {}).get(str(r["id"])) is (r["arm"] == "aligned")]
+    return {"aligned": {"refused": agree(gated)}, "base": {"refused": agree([r for r in labels if r["arm"] == "base"])}}
+
+
 def compose(gate_dir: Path, fires: dict[str, dict[str, bool]], meta: dict[str, Any]) -> dict[str, Any]:
     base = read_items(RESULTS / "final" / "base.jsonl.gz")
     out: dict[str, Any] = {**meta, "gate_fires": {s: {"fired": sum(v.values()), "n": len(v)} for s, v in fires.items()},
@@ -189,7 +205,10 @@ def compose(gate_dir: Path, fires: dict[str, dict[str, bool]], meta: dict[str, A
             for name, runs in systems.items():
                 per = [flags(items, suite, flag) for items in runs]
                 rows[label][name] = {"per_seed": [sum(p.values()) / len(p) for p in per], "paired": pooled_paired(b, per)}
-        out["arms"][arm] = {"rows": rows, "reading": reading_estimate(arm, fires)}
+        out["arms"][arm] = {"rows": rows, "reading": reading_estimate(arm, fires),
+                            "judge_agreement": judge_agreement(arm, fires)}
+    # what the demo's card quotes: the demo runs the first arm behind the gate
+    out["judge_agreement"] = out["arms"][ARMS[0]]["judge_agreement"]
     return out
 
 
@@ -210,6 +229,9 @@ def table(res: dict[str, Any]) -> str:
                 p = r[name]["paired"]
                 cells.append(f"{100 * p['delta']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]")
             lines.append(f"| {label} | {100 * r['base']:.1f} | " + " | ".join(cells) + " |")
+        ag = a["judge_agreement"]["aligned"]["refused"]
+        lines += ["", f"Judge vs careful reading, refused-vs-not, on the audited replies the gated system gives: "
+                  f"{100 * ag['value']:.0f}% [{100 * ag['ci_low']:.0f}, {100 * ag['ci_high']:.0f}] (n {ag['n']})."]
         rd = a.get("reading")
         if rd:
             lines += ["", "Careful reading (blind audit sample; estimate = P(gate fires) x adapter's reading rate on "

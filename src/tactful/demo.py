@@ -42,9 +42,10 @@ CARD_WIDTH = 100
 # Built-in suites the demo reads a seeded subsample of, to stay within ten minutes on 2 cores
 # (the experiments report the full splits).
 DEMO_SUBSAMPLE = {"over-refusal": 75}
-# recipes/demo.yaml is this search candidate trained on all of `train`; its replies were read
-# carefully (experiments/demo_recipe/audit.py), and the card says how often the judge agreed.
-AUDITED_ARM = "sft-own-lr5e-4"
+# recipes/demo.yaml is the search candidate sft-declines-anchors trained on all of `train`, behind a
+# prompt gate; the replies the gated system gives were read carefully (experiments/demo_recipe/audit.py,
+# gate.py), and the card says how often the judge agreed with that reading.
+AUDIT_FILE = "gate.json"
 
 # (suite, outcome or None for the suite's headline, row label, transform)
 ROWS = (
@@ -212,10 +213,10 @@ def _cell(suites: dict[str, Any], key: str, outcome: str | None, fn: Any) -> tup
     return fmt_rate(fn(res)), res.get("n")
 
 
-def audit_line(arm: str = AUDITED_ARM) -> str | None:
+def audit_line(audit: str = AUDIT_FILE) -> str | None:
     """How often the judge agreed with careful reading on this recipe's replies (a repository
     checkout has the audit; an installed wheel does not)."""
-    path = Path(__file__).resolve().parents[2] / "experiments" / "demo_recipe" / "results" / f"audit-{arm}.json"
+    path = Path(__file__).resolve().parents[2] / "experiments" / "demo_recipe" / "results" / audit
     if not path.is_file():
         return None
     agree = json.loads(path.read_text()).get("judge_agreement", {})
@@ -228,8 +229,27 @@ def audit_line(arm: str = AUDITED_ARM) -> str | None:
             f"(base model's: {fmt('base')}; experiments/demo_recipe/README.md)")
 
 
+GATE_SUITES = (("safety", "harmful"), ("over-refusal", "seemingly toxic"), ("benign", "ordinary"),
+               ("xstest-unsafe", "XSTest unsafe"), ("xstest-safe", "XSTest safe"), ("capability", "MC"))
+
+
+def gate_line(eval_dir: Path) -> str | None:
+    """Where a prompt-gated model's evaluation sent each suite's prompts (None for an ungated one)."""
+    parts = []
+    for suite, label in GATE_SUITES:
+        path = eval_dir / suite / ("scores.jsonl" if suite == "capability" else "items.jsonl")
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        routed = [r["route"] for r in rows if "route" in r]
+        if routed:
+            parts.append(f"{label} {routed.count('adapter')}/{len(routed)}")
+    if not parts:
+        return None
+    return textwrap.fill("prompt gate: the safety adapter answered " + ", ".join(parts) + "; the model as it was "
+                         "answered the rest", width=CARD_WIDTH - 2, initial_indent="  ", subsequent_indent="    ")
+
+
 def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | None = None,
-                data_line: str | None = None) -> str:
+                data_line: str | None = None, gate: str | None = None) -> str:
     """The before / after card (fits 100 columns): what the replies did, with 95% CIs and n."""
     from tactful.eval.report import judge_line
 
@@ -252,6 +272,8 @@ def safety_card(metrics: dict[str, Any], title: str, after: dict[str, Any] | Non
         audit = audit_line() if after else None
         if audit:
             lines.append(textwrap.fill(audit, width=CARD_WIDTH - 2, initial_indent="  ", subsequent_indent="    "))
+    if gate:
+        lines.append(gate)
     lines.append(textwrap.fill(data_line or "data: tactful built-in test splits (never trained on); seed 0; "
                                "95% bootstrap intervals", width=CARD_WIDTH - 2, initial_indent="  ",
                                subsequent_indent="    "))
@@ -377,13 +399,15 @@ def run_demo(out: str = "runs/demo", limit: int | None = None, align: bool = Tru
 
     def eval_after() -> dict[str, Any]:
         with progress_factory() as pf:
-            return evaluate(EvalConfig(run=str(run.path), suites=suites, out=str(root / "aligned-eval"), limit=limit),
-                            progress=pf)
+            # a prompt-gated run's base-routed prompts take the base model's replies from base_dir
+            return evaluate(EvalConfig(run=str(run.path), suites=suites, out=str(root / "aligned-eval"), limit=limit,
+                                       base_eval=str(base_dir)), progress=pf)
 
     after = stages.run("evaluate aligned", eval_after)
     res = compare([str(base_dir), str(root / "aligned-eval")], labels=["base", "aligned"], out=str(root / "compare"))
     log("")
-    log(safety_card(before, "embedded model: before vs after alignment", after=after, data_line=data_line))
+    log(safety_card(before, "embedded model: before vs after alignment", after=after, data_line=data_line,
+                    gate=gate_line(root / "aligned-eval")))
     log("")
     log(examples_side_by_side(base_dir, root / "aligned-eval"))
     log("")

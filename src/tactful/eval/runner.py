@@ -52,6 +52,9 @@ class EvalConfig:
     device: str = "cpu"  # where the hf backend (and multiple-choice scoring) runs: cpu, cuda, cuda:1, ...
     vllm_options: dict[str, Any] = field(default_factory=dict)  # vllm.LLM keywords, e.g. tensor_parallel_size
     trust_remote_code: bool = False
+    # A prompt-gated run only: an earlier evaluation of its base model (same suites and settings) whose
+    # replies and multiple-choice scores the prompts routed to the base model take instead of new ones.
+    base_eval: str | None = None
 
 
 def item_id(rec: Any, index: int) -> str:
@@ -177,8 +180,14 @@ class Evaluator:
             if self.gate is not None:
                 from tactful.methods.prompt_gate import GatedGenerator
 
+                base_replies = None
+                if c.base_eval:
+                    from tactful.methods.prompt_gate import read_base_replies
+                    from tactful.runs import read_manifest
+
+                    base_replies = read_base_replies(c.base_eval, read_manifest(c.run).get("base_model"))
                 self.generator = GatedGenerator(self.gate, self.generator, HFGenerator(self.base_model, self.tokenizer),
-                                                name=f"hf:{self.model_name()} (prompt-gated)")
+                                                name=f"hf:{self.model_name()} (prompt-gated)", base_replies=base_replies)
         else:
             self.generator = make_generator(c.backend, model_spec=c.model, adapter=c.adapter, run=c.run,
                                             base_url=c.base_url, api_model=c.api_model, api_key_env=c.api_key_env,
@@ -378,7 +387,8 @@ class Evaluator:
             rows.append({"id": rid, "prompt": rec.prompt, "label": getattr(rec, "label", None),
                          "category": getattr(rec, "category", None), "response": it.response,
                          "verdict": {k: getattr(v, k) for k in VERDICT_FIELDS if getattr(v, k) is not None
-                                     or k in ("label", "refused")}})
+                                     or k in ("label", "refused")},
+                         **({"route": done[rid]["route"]} if "route" in done[rid] else {})})
         atomic_write_jsonl(sdir / "items.jsonl", rows)
         flags = [self._success(suite, v) for v in verdicts]
         est = self._estimate(suite, verdicts, flags)
@@ -428,6 +438,20 @@ class Evaluator:
 
         return load_policy(suite.policy).render()
 
+    def _base_scores(self, suite: Suite) -> dict[str, dict[str, Any]]:
+        """A gated run's base model's multiple-choice scores from `base_eval`, by item id (none when
+        that evaluation scored another model)."""
+        from tactful.runs import read_manifest
+
+        sdir = Path(self.config.base_eval or "") / suite.name
+        try:
+            made_by = json.loads((sdir / "metrics.json").read_text()).get("generator")
+        except (OSError, json.JSONDecodeError):
+            return {}
+        if made_by != read_manifest(self.config.run).get("base_model"):
+            return {}
+        return {r["id"]: r for r in read_jsonl_tolerant(sdir / "scores.jsonl")}
+
     def _run_mc(self, suite: Suite, records: Sequence[MCItem], sdir: Path) -> dict[str, Any]:
         from tactful.eval.multiple_choice import score_items
 
@@ -439,20 +463,27 @@ class Evaluator:
         bar = self.progress(f"{suite.name}: scoring", len(todo))
         chunk = 64
         routes = [True] * len(todo)
+        base_scores: dict[str, dict[str, Any]] = {}
         if self.gate is not None:  # a gated run: the adapter scores what the gate sends it, the base model the rest
             routes = self.gate.decide(self.base_model, self.tokenizer, [r.question for _, r in todo])
+            if self.config.base_eval:  # scores of the base model an earlier evaluation made, by item id
+                base_scores = self._base_scores(suite)
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             part_routes = routes[start:start + chunk]
             scores: list[Any] = [None] * len(part)
             for model, want in ((self.model, True), (self.base_model, False)):
                 idx = [k for k, r in enumerate(part_routes) if r is want]
+                if not want and base_scores:
+                    for k in [k for k in idx if part[k][0] in base_scores]:
+                        scores[k] = {f: v for f, v in base_scores[part[k][0]].items() if f not in ("id", "route")}
+                    idx = [k for k in idx if part[k][0] not in base_scores]
                 if idx:
                     got = score_items(model, self.tokenizer, [part[k][1] for k in idx], batch_size=self.config.batch_size)
                     for k, sc in zip(idx, got):
-                        scores[k] = sc
+                        scores[k] = asdict(sc)
             for (rid, _), s, route in zip(part, scores, part_routes):
-                row = {"id": rid, **asdict(s)}
+                row = {"id": rid, **s}
                 row["id"] = rid
                 if self.gate is not None:
                     row["route"] = "adapter" if route else "base"
