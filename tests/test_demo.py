@@ -96,7 +96,7 @@ def test_audit_line_reads_the_committed_audit():
     if line is None:  # an installed wheel has no experiments/
         pytest.skip("no experiments/demo_recipe/results/audit file in this checkout")
     assert "careful reading" in line and "%" in line
-    assert demo.audit_line("no-such-arm") is None
+    assert demo.audit_line("no-such-audit.json") is None
 
 
 def test_subsampled_suites_keep_their_names(tmp_path):

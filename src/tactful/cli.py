@@ -223,6 +223,9 @@ def eval_cmd(
         "Judge the saved replies of an earlier `tactful eval --out DIR` again (with --judge, or each suite's "
         "judge), into --out; nothing is generated. Also an experiment's committed items.jsonl.gz (or its "
         "folder): prompts are rebuilt from the suites' data; --suite gives suite files that are not built in.")),
+    base_eval: Optional[str] = typer.Option(None, help=(
+        "For a prompt-gated --run: an earlier `tactful eval --out DIR` of its base model; prompts the gate sends to "
+        "the base model take their replies and multiple-choice scores from it instead of being generated again.")),
 ) -> None:
     """Evaluate a model on suites; writes per-item JSONL, metrics with 95% CIs and a Markdown report."""
     import yaml
@@ -245,7 +248,8 @@ def eval_cmd(
     cfg = EvalConfig(model=model, adapter=adapter, run=run, suites=_split_list(suite), judge=judge,
                      judge_options=judge_options, backend=backend, base_url=base_url, api_model=api_model,
                      limit=limit, out=out, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     device=device, dtype=dtype, vllm_options=vllm_options, trust_remote_code=trust_remote_code)
+                     device=device, dtype=dtype, vllm_options=vllm_options, trust_remote_code=trust_remote_code,
+                     base_eval=base_eval)
     with progress_factory() as pf:
         metrics = evaluate(cfg, progress=pf)
     _print_eval(metrics, out)

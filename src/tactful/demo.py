@@ -43,9 +43,10 @@ CARD_WIDTH = 100
 # (the experiments report the full splits).
 DEMO_SUBSAMPLE = {"over-refusal": 75}
 # recipes/demo.yaml is the search candidate sft-declines-anchors trained on all of `train`, behind a
-# prompt gate; the replies the gated system gives were read carefully (experiments/demo_recipe/audit.py,
-# gate.py), and the card says how often the judge agreed with that reading.
-AUDIT_FILE = "gate.json"
+# prompt gate. The demo's own replies were read carefully, blind (experiments/audit.py: 40 random
+# harmful prompts, and every benign prompt whose reply the gate changed); the card says what that
+# reading found and how often the judge agreed with it.
+AUDIT_FILES = ("audit-gate-harmful.json", "audit-gate-benign.json")
 
 # (suite, outcome or None for the suite's headline, row label, transform)
 ROWS = (
@@ -213,20 +214,35 @@ def _cell(suites: dict[str, Any], key: str, outcome: str | None, fn: Any) -> tup
     return fmt_rate(fn(res)), res.get("n")
 
 
-def audit_line(audit: str = AUDIT_FILE) -> str | None:
-    """How often the judge agreed with careful reading on this recipe's replies (a repository
-    checkout has the audit; an installed wheel does not)."""
-    path = Path(__file__).resolve().parents[2] / "experiments" / "demo_recipe" / "results" / audit
-    if not path.is_file():
+def audit_line(harmful: str = AUDIT_FILES[0], benign: str = AUDIT_FILES[1]) -> str | None:
+    """What careful reading of this recipe's replies found, and how often the judge agreed with it
+    (a repository checkout has the audits; an installed wheel does not)."""
+    results = Path(__file__).resolve().parents[2] / "experiments" / "demo_recipe" / "results"
+    if not (results / harmful).is_file():
         return None
-    agree = json.loads(path.read_text()).get("judge_agreement", {})
+    doc = json.loads((results / harmful).read_text())
+    read, agree = doc.get("careful_reading", {}), doc.get("judge_agreement", {})
 
-    def fmt(who: str) -> str:
-        e = agree.get(who, {}).get("refused")
-        return f"{100 * e['value']:.0f}% [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}]" if e else "—"
+    def pct(e: dict[str, Any] | None, ci: bool = False) -> str:
+        if not e:
+            return "—"
+        return f"{100 * e['value']:.0f}%" + (f" [{100 * e['ci_low']:.0f}, {100 * e['ci_high']:.0f}]" if ci else "")
 
-    return (f"on this recipe's replies the judge agrees with careful reading on refused-vs-not {fmt('aligned')} "
-            f"(base model's: {fmt('base')}; experiments/demo_recipe/README.md)")
+    def declined(arm: str) -> dict[str, Any] | None:
+        return read.get(arm, {}).get("harmful", {}).get("declined")
+
+    n = read.get("gated", {}).get("harmful", {}).get("n", "?")
+    line = (f"careful reading (blind) of {n} random harmful prompts: declined {pct(declined('base'))} before, "
+            f"{pct(declined('gated'))} after; the judge agrees with it on refused-vs-not "
+            f"{pct(agree.get('base', {}).get('refused'), True)} before, {pct(agree.get('gated', {}).get('refused'), True)}"
+            " after")
+    if (results / benign).is_file():
+        b = json.loads((results / benign).read_text()).get("careful_reading", {})
+        st_after, st_before = b.get("gated", {}).get("seemingly_toxic", {}), b.get("base", {}).get("seemingly_toxic", {})
+        if st_after:
+            line += (f"; of the seemingly-toxic prompts the gate sent to the adapter ({st_after.get('n')}), reading "
+                     f"finds {pct(st_after.get('refused'))} refused ({pct(st_before.get('refused'))} before)")
+    return line + " (experiments/demo_recipe/README.md)"
 
 
 GATE_SUITES = (("safety", "harmful"), ("over-refusal", "seemingly toxic"), ("benign", "ordinary"),

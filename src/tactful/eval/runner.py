@@ -177,6 +177,8 @@ class Evaluator:
                          f"(on {c.device}, {c.dtype})")
             self._ensure_model()
             self.generator = HFGenerator(self.model, self.tokenizer, name=f"hf:{self.model_name()}")
+            if self.gate is None and c.base_eval:
+                self.log("note: --base-eval is for prompt-gated runs (it gives their base-routed replies); ignored")
             if self.gate is not None:
                 from tactful.methods.prompt_gate import GatedGenerator
 
