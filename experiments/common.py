@@ -302,6 +302,20 @@ def outcome_public_suites(runs: Path, sources: Sequence[str]) -> list[str]:
     return paths
 
 
+def verdict_flag(v: dict[str, Any], flag: str) -> float | None:
+    """0/1 of one outcome-judge flag in a verdict (declined and refused read `refused`; evasive is
+    the `evasive` label); None for a verdict the judge failed on, which no rate counts."""
+    if v.get("error") or v.get("degenerate") is None:
+        return None
+    if flag in ("declined", "refused"):
+        val = v.get("refused")
+    elif flag == "evasive":
+        val = v.get("label") == "evasive"
+    else:
+        val = v.get(flag)
+    return float(bool(val))
+
+
 def outcome_flags(eval_dir: Path, suite: str, flag: str) -> dict[str, float]:
     """Per-item 0/1 of one outcome-judge flag (declined / refused / evasive / uplift / helpful /
     degenerate), multiple-choice correctness (`correct`) or MC2 (`mc2`), by item id. Items the judge failed on
@@ -318,16 +332,9 @@ def outcome_flags(eval_dir: Path, suite: str, flag: str) -> dict[str, float]:
         if not line.strip():
             continue
         r = json.loads(line)
-        v = r.get("verdict") or {}
-        if v.get("error") or v.get("degenerate") is None:
-            continue
-        if flag in ("declined", "refused"):
-            val = v.get("refused")
-        elif flag == "evasive":
-            val = v.get("label") == "evasive"
-        else:
-            val = v.get(flag)
-        out[r["id"]] = float(bool(val))
+        val = verdict_flag(r.get("verdict") or {}, flag)
+        if val is not None:
+            out[r["id"]] = val
     return out
 
 

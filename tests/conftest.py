@@ -20,6 +20,18 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """The tiny model saved to a directory: a model spec that training runs can name as their base."""
+    from tactful.models import tiny_model
+
+    model, tok = tiny_model(0)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def embedded():
     """The real embedded model, loaded once per test session (only where the real model matters)."""
     from tactful.models import load_model

@@ -89,15 +89,6 @@ def test_gated_generator_sends_each_prompt_to_its_route(tiny):
     assert out[1::2] == base.generate(prompts[1::2], cfg)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    model, tok = tiny_model(0)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -34,7 +34,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import check_public_suites, pooled_paired  # noqa: E402
+from common import check_public_suites, pooled_paired, verdict_flag  # noqa: E402
 
 RESULTS = HERE / "results"
 PUBLIC = {"xstest-unsafe": HERE / "suites" / "xstest-unsafe.yaml", "xstest-safe": HERE / "suites" / "xstest-safe.yaml"}
@@ -120,16 +120,10 @@ def read_items(path: Path) -> list[dict[str, Any]]:
 def flags(items: list[dict[str, Any]], suite: str, flag: str) -> dict[str, float]:
     """Per-item 0/1 of one outcome flag, as experiments/common.outcome_flags reads a verdict."""
     out = {}
-    for r in items:
-        if r["suite"] != suite or r.get("degenerate") is None:
-            continue
-        if flag in ("declined", "refused"):
-            val = r.get("refused")
-        elif flag == "evasive":
-            val = r.get("label") == "evasive"
-        else:
-            val = r.get(flag)
-        out[str(r["id"])] = float(bool(val))
+    for r in items:  # the committed records keep the verdict's fields at the top level
+        val = verdict_flag(r, flag) if r["suite"] == suite else None
+        if val is not None:
+            out[str(r["id"])] = val
     return out
 
 
