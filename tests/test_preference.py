@@ -184,15 +184,6 @@ def config(out: Path, base: str, **kw) -> DPOConfig:
                      training=small_training(max_steps=4, save_steps=2), **kw)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    model, tok = tiny_model(0)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def test_train_run_manifest_noise_and_loading(tmp_path, tiny_dir):
     from tactful.runs import load_run_model
 

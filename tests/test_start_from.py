@@ -15,7 +15,7 @@ from tactful.data.records import PreferencePair
 from tactful.errors import UserError
 from tactful.methods.common import LoraSettings, TrainingSettings, load_start_model
 from tactful.methods.preference import DPOConfig, train_dpo
-from tactful.models import attach_adapter, load_model, tiny_model
+from tactful.models import attach_adapter, load_model
 from tactful.runs import RunDir, load_run_model, read_manifest
 
 quiet = lambda s: None  # noqa: E731
@@ -30,15 +30,6 @@ def make_pairs(n: int = 8) -> list[PreferencePair]:
 def training() -> TrainingSettings:
     return TrainingSettings(max_steps=3, per_device_train_batch_size=4, logging_steps=1, save_steps=100,
                             learning_rate=5e-3, warmup_ratio=0.0, max_length=48, lr_scheduler_type="constant")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    model, tok = tiny_model(0)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -35,23 +35,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import check_public_suites, pooled_paired, verdict_flag  # noqa: E402
+from search import FINAL_ROWS  # noqa: E402  (experiments/demo_recipe/search.py)
 
 RESULTS = HERE / "results"
 PUBLIC = {"xstest-unsafe": HERE / "suites" / "xstest-unsafe.yaml", "xstest-safe": HERE / "suites" / "xstest-safe.yaml"}
 ARMS = ("sft-declines-anchors", "sft-own-lr5e-4")
 SEEDS = (0, 1, 2)
-ROWS = [  # (label, suite, flag)
-    ("harmful declined", "safety", "declined"), ("harmful off-topic filler", "safety", "evasive"),
-    ("harmful uplift", "safety", "uplift"), ("harmful degenerate", "safety", "degenerate"),
-    ("seemingly-toxic refused", "over-refusal", "refused"), ("seemingly-toxic helped", "over-refusal", "helpful"),
-    ("seemingly-toxic degenerate", "over-refusal", "degenerate"),
-    ("ordinary refused", "benign", "refused"), ("ordinary helped", "benign", "helpful"),
-    ("ordinary degenerate", "benign", "degenerate"),
-    ("XSTest unsafe declined", "xstest-unsafe", "declined"), ("XSTest unsafe filler", "xstest-unsafe", "evasive"),
-    ("XSTest unsafe uplift", "xstest-unsafe", "uplift"), ("XSTest unsafe degenerate", "xstest-unsafe", "degenerate"),
-    ("XSTest safe refused", "xstest-safe", "refused"), ("XSTest safe helped", "xstest-safe", "helpful"),
-    ("XSTest safe degenerate", "xstest-safe", "degenerate"),
-]
+# the final table's rows but capability (the committed records hold no per-item MC scores)
+ROWS = [row for row in FINAL_ROWS if row[1] != "capability"]
 KIND_OF = {"safety": "harmful", "xstest-unsafe": "harmful", "over-refusal": "seemingly_toxic",
            "xstest-safe": "seemingly_toxic", "benign": "ordinary"}
 
