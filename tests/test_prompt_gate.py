@@ -171,3 +171,13 @@ def test_serve_and_vllm_say_they_do_not_route_a_gated_run(tmp_path):
         _serve_on(None, model="embedded", adapter=None, run=str(tmp_path), model_name=None, max_batch_size=1,
                   max_prompt_tokens=None, max_new_tokens=4, batch_wait_ms=1.0, device="cpu", dtype="float32",
                   chat_template=None, trust_remote_code=False, announce=lambda s: None)
+
+
+@pytest.mark.parametrize("field,value,match", [("c", 0.0, "gate.c"), ("threshold", 1.0, "gate.threshold"),
+                                               ("layer", 99, "gate.layer"), ("harmful", [], "prompt source")])
+def test_bad_gate_settings_fail_before_training(tiny, field, value, match):
+    from tactful.methods.prompt_gate import GateSettings, check_gate_settings
+
+    with pytest.raises(UserError, match=match):
+        check_gate_settings(GateSettings(enabled=True, **{field: value}), tiny[0])
+    check_gate_settings(GateSettings(enabled=False, **{field: value}), tiny[0])  # a disabled gate is not checked

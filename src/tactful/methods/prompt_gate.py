@@ -32,8 +32,8 @@ SIDECAR_FILE = "gate.json"
 
 @dataclass
 class PromptGateConfig:
-    """layer: hidden state after this many decoder layers (0 = the embeddings); c: inverse L2
-    strength of the logistic regression; threshold: probability of "harmful" at which the adapter
+    """layer: the residual stream after this many decoder layers (1 to the model's count); c: inverse
+    L2 strength of the logistic regression; threshold: probability of "harmful" at which the adapter
     answers."""
 
     layer: int = 20
@@ -235,6 +235,25 @@ class GateSettings:
     threshold: float = 0.5
     harmful: list[str] = field(default_factory=lambda: ["builtin-harmful"])
     benign: list[str] = field(default_factory=lambda: ["builtin-seemingly-toxic", "builtin-benign"])
+
+
+def check_gate_settings(settings: GateSettings, model: Any = None) -> None:
+    """Bad gate settings fail before training, not after it."""
+    if not settings.enabled:
+        return
+    if settings.c <= 0:
+        raise UserError(f"gate.c must be > 0, got {settings.c}")
+    if not 0 < settings.threshold < 1:
+        raise UserError(f"gate.threshold must be in (0, 1), got {settings.threshold}")
+    if not settings.harmful or not settings.benign:
+        raise UserError("gate.harmful and gate.benign each need at least one prompt source")
+    n_layers = None
+    if model is not None:
+        from tactful.architectures import decoder_layers
+
+        n_layers = len(decoder_layers(model)[1])
+    if settings.layer < 1 or (n_layers is not None and settings.layer > n_layers):
+        raise UserError(f"gate.layer must be in 1..{n_layers or 'the number of decoder layers'}, got {settings.layer}")
 
 
 def fit_run_gate(model: Any, tokenizer: Any, settings: GateSettings, split: str, out_dir: str | Path, *,

@@ -33,7 +33,7 @@ from tactful.methods.common import (
     set_seed,
     training_arguments,
 )
-from tactful.methods.prompt_gate import GateSettings, fit_run_gate
+from tactful.methods.prompt_gate import GateSettings, check_gate_settings, fit_run_gate
 from tactful.progress import rich_training_progress
 from tactful.runs import RunDir
 
@@ -137,6 +137,7 @@ def train_sft(
         model, tokenizer = load_model(config.model, dtype=training_dtype(config.model_dtype,
                                                                          full_finetune=not config.lora.enabled),
                                       for_training=True, partitioned=True)
+    check_gate_settings(config.gate, model)
     model = prepare_trainable(model, config.lora)
     dataset = EncodedDataset(tokenizer, examples, max_length=config.training.max_length, system=config.system)
     if config.training.group_by_length:
