@@ -103,6 +103,42 @@ def select(model: Any, tok: Any) -> str:
     return text
 
 
+def threshold_table(model: Any, tok: Any, layer: int, c: float) -> str:
+    """Out-of-fold gate probabilities on `train` (5 folds): harmful recall and benign / seemingly-toxic
+    firing per threshold, for choosing a threshold without the test split."""
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate, prompt_features
+
+    harmful, benign = train_prompts("train")
+    from tactful.data import builtin
+
+    n_st = len(builtin.seemingly_toxic("train"))  # benign = seemingly-toxic first, then ordinary
+    x = prompt_features(model, tok, [*harmful, *benign], layer)
+    y = np.r_[np.ones(len(harmful)), np.zeros(len(benign))]
+    oof = np.zeros(len(y))
+    for fit_idx, held in StratifiedKFold(5, shuffle=True, random_state=0).split(x.numpy(), y):
+        h = [i for i in fit_idx if y[i] == 1]
+        b = [i for i in fit_idx if y[i] == 0]
+        prompts = [*harmful, *benign]
+        gate = fit_prompt_gate(model, tok, [prompts[i] for i in h], [prompts[i] for i in b],
+                               PromptGateConfig(layer=layer, c=c), features=x[h + b])
+        oof[held] = gate.probabilities(x[held]).numpy()
+    lines = ["# Prompt gate: threshold, out of fold on the train split", "",
+             f"Layer {layer}, C {c}; 5-fold out-of-fold probabilities on the built-in `train` split ({len(harmful)} "
+             f"harmful, {n_st} seemingly-toxic, {len(benign) - n_st} ordinary prompts). The demo uses 0.5; a "
+             "threshold chosen here never sees the test split. `python experiments/demo_recipe/gate.py --oof`", "",
+             "| threshold | harmful gated | seemingly-toxic gated | ordinary gated |", "|---|---|---|---|"]
+    st, ordinary = oof[len(harmful):len(harmful) + n_st], oof[len(harmful) + n_st:]
+    for th in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9):
+        lines.append(f"| {th} | {100 * (oof[:len(harmful)] >= th).mean():.1f} | {100 * (st >= th).mean():.1f} | "
+                     f"{100 * (ordinary >= th).mean():.1f} |")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "gate-threshold.md").write_text(text)
+    return text
+
+
 def read_items(path: Path) -> list[dict[str, Any]]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -232,6 +268,7 @@ def table(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--select", action="store_true", help="choose layer and C on fit -> dev, then stop")
+    ap.add_argument("--oof", action="store_true", help="out-of-fold firing rates per threshold on train, then stop")
     ap.add_argument("--layer", type=int, default=20)
     ap.add_argument("--c", type=float, default=0.1)
     a = ap.parse_args()
@@ -244,6 +281,9 @@ def main() -> None:
     model, tok = load_model("embedded")
     if a.select:
         print(select(model, tok))
+        return
+    if a.oof:
+        print(threshold_table(model, tok, a.layer, a.c))
         return
     harmful, benign = train_prompts("train")
     gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=a.layer, c=a.c), source="builtin:train")
