@@ -83,14 +83,10 @@ def chat(
                                 trust_remote_code=trust_remote_code)
             name = model
     gen: Any = HFGenerator(m, tok, name=f"hf:{name}")
-    if run:
-        from tactful.methods.prompt_gate import GatedGenerator, load_base_of_run, run_gate
+    if run:  # a prompt-gated run: each message goes to the adapter or the base model, as in evaluation
+        from tactful.methods.prompt_gate import gated_if_run_has_gate
 
-        gate = run_gate(run)
-        if gate is not None:  # each message goes to the adapter or the base model, as in evaluation
-            with console.status("loading the base model the prompt gate routes to…"):
-                base, _ = load_base_of_run(run)
-            gen = GatedGenerator(gate, gen, HFGenerator(base, tok), name=f"hf:{name} (prompt-gated)")
+        gen = gated_if_run_has_gate(run, gen, name=f"hf:{name}")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, system=system, batch_size=8)
     if prompt:
         check_prompts_fit(m, tok, list(prompt), system=system, max_new_tokens=max_new_tokens)

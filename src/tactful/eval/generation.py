@@ -715,16 +715,12 @@ def make_generator(
         if backend == "hf":
             from tactful.runs import load_run_model
 
-            from tactful.methods.prompt_gate import GatedGenerator, load_base_of_run, run_gate
+            from tactful.methods.prompt_gate import gated_if_run_has_gate
 
             load_kw = {k: v for k, v in kw.items() if k in ("dtype", "device")}
             model, tokenizer, desc = load_run_model(run, **load_kw)
-            gate = run_gate(run)
-            if gate is not None:
-                base, _ = load_base_of_run(run, **load_kw)
-                return GatedGenerator(gate, HFGenerator(model, tokenizer), HFGenerator(base, tokenizer),
-                                      name=name or f"hf:{desc} (prompt-gated)")
-            return HFGenerator(model, tokenizer, name=name or f"hf:{desc}")
+            return gated_if_run_has_gate(run, HFGenerator(model, tokenizer, name=name or f"hf:{desc}"),
+                                         name=name or f"hf:{desc}", **load_kw)
     if backend == "hf":
         if model is not None:
             if tokenizer is None:

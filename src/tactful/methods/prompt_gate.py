@@ -296,6 +296,18 @@ def load_base_of_run(run_dir: str | Path, **kw: Any) -> tuple[Any, Any]:
     return load_model(base, **kw)
 
 
+def gated_if_run_has_gate(run_dir: str | Path, adapted: Any, *, name: str, **load_kw: Any) -> Any:
+    """`adapted` (an HFGenerator over the run's model) behind the run's prompt gate, or `adapted`
+    itself when the run has none; load_kw (dtype, device) load the base model the gate routes to."""
+    from tactful.eval.generation import HFGenerator
+
+    gate = run_gate(run_dir)
+    if gate is None:
+        return adapted
+    base, _ = load_base_of_run(run_dir, **load_kw)
+    return GatedGenerator(gate, adapted, HFGenerator(base, adapted.tokenizer), name=f"{name} (prompt-gated)")
+
+
 class GatedGenerator:
     """Generation through a prompt gate: each prompt goes to `adapted` where the gate fires and to
     `base` elsewhere (both HFGenerators over the same tokenizer). `route(prompts)` tells, ahead of
