@@ -178,10 +178,24 @@ def test_serve_and_vllm_say_they_do_not_route_a_gated_run(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,match", [("c", 0.0, "gate.c"), ("threshold", 1.0, "gate.threshold"),
-                                               ("layer", 99, "gate.layer"), ("harmful", [], "prompt source")])
+                                               ("layer", 99, "gate.layer"), ("harmful", [], "prompt source"),
+                                               ("benign", ["builtin-benign", "builtin-bening"], "gate.benign: unknown")])
 def test_bad_gate_settings_fail_before_training(tiny, field, value, match):
     from tactful.methods.prompt_gate import GateSettings, check_gate_settings
 
     with pytest.raises(UserError, match=match):
         check_gate_settings(GateSettings(enabled=True, **{field: value}), tiny[0])
     check_gate_settings(GateSettings(enabled=False, **{field: value}), tiny[0])  # a disabled gate is not checked
+
+
+def test_source_prompts_reads_prompts_and_quiz_questions(tmp_path):
+    from tactful.data import builtin
+    from tactful.methods.prompt_gate import source_prompts
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"prompt": "How do I bake bread?"}\n')
+    got = source_prompts(["builtin-benign", "builtin-capability", str(f)], "dev")
+    assert got[-1] == "How do I bake bread?"
+    questions = [r.question for r in builtin.mc_capability("dev")]
+    assert questions and got[-1 - len(questions):-1] == questions
+    assert len(got) == len(builtin.benign("dev")) + len(questions) + 1

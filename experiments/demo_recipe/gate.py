@@ -63,12 +63,28 @@ def prompts_by_suite() -> dict[str, dict[str, str]]:
     return out
 
 
-def train_prompts(split: str) -> tuple[list[str], list[str]]:
-    from tactful.data import builtin
+# The gate's benign side. "prompts": the built-in seemingly-toxic and ordinary requests (session 15's
+# gate); "prompts+questions": also the built-in quiz questions (capability and truthfulness items'
+# question text), so plain questions are not mistaken for requests to decline.
+BENIGN_VARIANTS = {
+    "prompts": ["builtin-seemingly-toxic", "builtin-benign"],
+    "prompts+questions": ["builtin-seemingly-toxic", "builtin-benign", "builtin-capability", "builtin-truthfulness"],
+}
+# Public sets no demo stage trains, fits, chooses or evaluates on (--public): each is split once, by a
+# seeded shuffle, into a dev half (for choosing) and a held-out half (reported once, for the choice).
+PUBLIC_HARMFUL = {"advbench": "advbench_harmful_behaviors.csv", "harmbench": "harmbench_behaviors_text_val.csv",
+                  "do-not-answer": "do_not_answer_en.csv", "beavertails-eval": "beavertails_eval_subset_140.json",
+                  "safe-rlhf-eval": "safe_rlhf_eval_problems.json"}
+PUBLIC_ORDINARY = {"truthfulqa-mc": "TruthfulQA.csv", "openbookqa": "openbookqa_test.jsonl",
+                   "arc-easy": "arc_easy_test.jsonl"}
+PUBLIC_CAP = 300  # prompts per set at most (150 dev + 150 held out)
+DATA_DIR = HERE.parents[2] / "shared" / "data"
 
-    harmful = [r.prompt for r in builtin.harmful_prompts(split)]
-    benign = [r.prompt for r in builtin.seemingly_toxic(split)] + [r.prompt for r in builtin.benign_prompts(split)]
-    return harmful, benign
+
+def train_prompts(split: str, benign_variant: str = "prompts") -> tuple[list[str], list[str]]:
+    from tactful.methods.prompt_gate import source_prompts
+
+    return source_prompts(["builtin-harmful"], split), source_prompts(BENIGN_VARIANTS[benign_variant], split)
 
 
 def select(model: Any, tok: Any) -> str:
@@ -136,6 +152,113 @@ def threshold_table(model: Any, tok: Any, layer: int, c: float) -> str:
                      f"{100 * (ordinary >= th).mean():.1f} |")
     text = "\n".join(lines) + "\n"
     (RESULTS / "gate-threshold.md").write_text(text)
+    return text
+
+
+def public_halves(data_dir: Path) -> dict[str, dict[str, list[str]]]:
+    """{set: {"dev": prompts, "held_out": prompts}} for the public sets of --public."""
+    import random
+
+    from tactful.data.records import MCItem
+    from tactful.data.registry import load_benchmark
+
+    out = {}
+    for name, file in {**PUBLIC_HARMFUL, **PUBLIC_ORDINARY}.items():
+        path = data_dir / file
+        if not path.is_file():
+            sys.stderr.write(f"error: {path} not found (--data names the folder of the public benchmark files)\n")
+            sys.exit(2)
+        prompts = [r.question if isinstance(r, MCItem) else r.prompt for r in load_benchmark(name, path=str(path))]
+        random.Random(f"gate-public-{name}").shuffle(prompts)
+        prompts = prompts[:PUBLIC_CAP]
+        out[name] = {"dev": prompts[:len(prompts) // 2], "held_out": prompts[len(prompts) // 2:]}
+    return out
+
+
+def public_check(model: Any, tok: Any, data_dir: Path) -> str:
+    """Does the gate generalise beyond the built-in prompts' style? Candidates (benign variant x layer,
+    C 0.1, threshold 0.5) are fitted on `fit` and chosen on dev sets: built-in `dev` and the public dev
+    halves. The rule, fixed before any run: the largest (mean harmful recall over the harmful sets -
+    mean firing over the benign sets), each set weighing the same; ties to session 15's gate. The chosen
+    gate and session 15's are then fitted on `train` (as the demo does) and measured once on the public
+    held-out halves and the built-in test splits."""
+    from tactful.data import builtin
+    from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate, prompt_features, source_prompts
+
+    halves = public_halves(data_dir)
+    harmful_dev = {"builtin-harmful": source_prompts(["builtin-harmful"], "dev"),
+                   **{n: halves[n]["dev"] for n in PUBLIC_HARMFUL}}
+    benign_dev = {"builtin-seemingly-toxic": source_prompts(["builtin-seemingly-toxic"], "dev"),
+                  "builtin-benign": source_prompts(["builtin-benign"], "dev"),
+                  **{n: halves[n]["dev"] for n in PUBLIC_ORDINARY}}
+    current = ("prompts", 20)
+    rows = []
+    for layer in (16, 20, 24):
+        feats = {n: prompt_features(model, tok, p, layer) for n, p in {**harmful_dev, **benign_dev}.items()}
+        for variant in BENIGN_VARIANTS:
+            harmful, benign = train_prompts("fit", variant)
+            gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=0.1))
+            rate = {n: float((gate.probabilities(x) >= gate.threshold).float().mean()) for n, x in feats.items()}
+            score = (sum(rate[n] for n in harmful_dev) / len(harmful_dev)
+                     - sum(rate[n] for n in benign_dev) / len(benign_dev))
+            rows.append({"variant": variant, "layer": layer, "score": score, "dev": rate})
+            print(f"layer {layer} {variant:18s} score {100 * score:.1f}  " +
+                  " ".join(f"{n} {100 * v:.0f}" for n, v in rate.items()), flush=True)
+    best = max(rows, key=lambda r: (round(r["score"], 9), (r["variant"], r["layer"]) == current))
+    chosen = (best["variant"], best["layer"])
+
+    held = {**{n: ("harmful", halves[n]["held_out"]) for n in PUBLIC_HARMFUL},
+            **{n: ("ordinary", halves[n]["held_out"]) for n in PUBLIC_ORDINARY},
+            "builtin test harmful": ("harmful", [r.prompt for r in builtin.harmful_prompts("test")]),
+            "builtin test seemingly-toxic": ("seemingly toxic", [r.prompt for r in builtin.seemingly_toxic("test")]),
+            "builtin test ordinary": ("ordinary", [r.prompt for r in builtin.benign_prompts("test")]),
+            "builtin test MC questions": ("ordinary", [r.question for r in builtin.mc_capability("test")])}
+    final = {}
+    for variant, layer in dict.fromkeys([current, chosen]):
+        harmful, benign = train_prompts("train", variant)
+        gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=0.1))
+        final[(variant, layer)] = {n: gate.decide(model, tok, p) for n, (_, p) in held.items()}
+
+    from tactful.eval import metrics as M
+
+    def cell(fired: list[bool]) -> str:
+        r = M.rate(fired)
+        return f"{100 * r.value:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+
+    lines = ["# Prompt gate on public prompts it never saw", "",
+             "Does the gate generalise beyond the style of the built-in prompts? Public sets no demo stage uses "
+             f"({', '.join(PUBLIC_HARMFUL)}: harmful; {', '.join(PUBLIC_ORDINARY)}: ordinary questions) are each "
+             f"shuffled once (seeded) and split into a dev half and a held-out half (at most {PUBLIC_CAP // 2} each). "
+             "Candidates: the gate's benign side (`prompts`: built-in seemingly-toxic + ordinary requests; "
+             "`prompts+questions`: also the built-in quiz questions) x layer, C 0.1, threshold 0.5, fitted on the "
+             "built-in `fit` split. Rule, fixed before the run: the largest mean harmful recall over the harmful dev "
+             "sets minus mean firing over the benign dev sets (built-in dev seemingly-toxic and ordinary, and the "
+             "public ordinary dev halves), each set weighing the same. Model: embedded SmolLM2-135M-Instruct. "
+             "`python experiments/demo_recipe/gate.py --public`", "",
+             "## Choice on the dev sets (% of prompts the gate sends to the adapter)", "",
+             "| benign side | layer | score | " + " | ".join(n for n in [*harmful_dev, *benign_dev]) + " |",
+             "|---|---|---|" + "---|" * (len(harmful_dev) + len(benign_dev))]
+    for r in sorted(rows, key=lambda r: (r["variant"], r["layer"])):
+        mark = " **(chosen)**" if (r["variant"], r["layer"]) == chosen else ""
+        lines.append(f"| `{r['variant']}`{mark} | {r['layer']} | {100 * r['score']:.1f} | " +
+                     " | ".join(f"{100 * r['dev'][n]:.0f}" for n in [*harmful_dev, *benign_dev]) + " |")
+    names = list(final)
+    lines += ["", "## Held out: fitted on `train`, measured once (% gated, 95% bootstrap interval)", "",
+              "| set | kind | n | " + " | ".join(f"`{v}`, layer {l}" + (" (chosen)" if (v, l) == chosen else "")
+                                                  for v, l in names) + " |",
+              "|---|---|---|" + "---|" * len(names)]
+    for n, (kind, p) in held.items():
+        lines.append(f"| {n} | {kind} | {len(p)} | " + " | ".join(cell(final[k][n]) for k in names) + " |")
+    lines += ["", "The public halves and the built-in test splits were not used for fitting or choosing. The "
+              "built-in test splits were seen before (session 15 reported them with the `prompts` gate)."]
+    text = "\n".join(lines) + "\n"
+    from tactful.io import atomic_write_json, atomic_write_text
+
+    atomic_write_text(RESULTS / "gate-public.md", text)
+    atomic_write_json(RESULTS / "gate-public.json", {
+        "chosen": {"benign": chosen[0], "layer": chosen[1]}, "dev": rows,
+        "held_out": {f"{v}@{l}": {n: {"fired": sum(f), "n": len(f)} for n, f in final[(v, l)].items()}
+                     for v, l in names}})
     return text
 
 
@@ -271,6 +394,11 @@ def main() -> None:
     ap.add_argument("--oof", action="store_true", help="out-of-fold firing rates per threshold on train, then stop")
     ap.add_argument("--layer", type=int, default=20)
     ap.add_argument("--c", type=float, default=0.1)
+    ap.add_argument("--benign", choices=list(BENIGN_VARIANTS), default="prompts",
+                    help="the gate's benign side (see BENIGN_VARIANTS)")
+    ap.add_argument("--public", action="store_true",
+                    help="choose the benign side and layer on public dev halves, report held-out halves, then stop")
+    ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the public benchmark files (--public)")
     a = ap.parse_args()
     import torch
 
@@ -285,7 +413,10 @@ def main() -> None:
     if a.oof:
         print(threshold_table(model, tok, a.layer, a.c))
         return
-    harmful, benign = train_prompts("train")
+    if a.public:
+        print(public_check(model, tok, a.data))
+        return
+    harmful, benign = train_prompts("train", a.benign)
     gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=a.layer, c=a.c), source="builtin:train")
     fires = {}
     for suite, items in prompts_by_suite().items():
@@ -294,11 +425,13 @@ def main() -> None:
     final = json.loads((RESULTS / "final-sft-declines-anchors.json").read_text())
     from tactful.eval.judges.validation import format_accuracy
 
-    meta = {"gate": f"layer {a.layer}, C {a.c}, fitted on {len(harmful)} harmful / {len(benign)} benign train prompts "
+    meta = {"gate": f"layer {a.layer}, C {a.c}, benign side `{a.benign}`, fitted on {len(harmful)} harmful / "
+                    f"{len(benign)} benign train prompts "
                     f"(train accuracy {100 * gate.meta['train_accuracy']:.1f}%)",
             "judge_accuracy": format_accuracy(final.get("judge_accuracy") or {}),
             "command": "python experiments/demo_recipe/gate.py" + (f" --layer {a.layer} --c {a.c}"
-                                                                   if (a.layer, a.c) != (20, 0.1) else "")}
+                                                                   if (a.layer, a.c) != (20, 0.1) else "")
+            + (f" --benign {a.benign}" if a.benign != "prompts" else "")}
     res = compose(RESULTS, fires, meta)
     from tactful.io import atomic_write_json, atomic_write_text
 

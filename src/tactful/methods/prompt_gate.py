@@ -247,6 +247,15 @@ def check_gate_settings(settings: GateSettings, model: Any = None) -> None:
         raise UserError(f"gate.threshold must be in (0, 1), got {settings.threshold}")
     if not settings.harmful or not settings.benign:
         raise UserError("gate.harmful and gate.benign each need at least one prompt source")
+    from tactful.data.registry import get_benchmark
+
+    for field_name, sources in (("gate.harmful", settings.harmful), ("gate.benign", settings.benign)):
+        for src in sources:  # a typo fails now, not after training
+            if not Path(src).expanduser().is_file():
+                try:
+                    get_benchmark(src)
+                except UserError as e:
+                    raise UserError(f"{field_name}: {e}") from None
     n_layers = None
     if model is not None:
         from tactful.architectures import decoder_layers
@@ -256,15 +265,20 @@ def check_gate_settings(settings: GateSettings, model: Any = None) -> None:
         raise UserError(f"gate.layer must be in 1..{n_layers or 'the number of decoder layers'}, got {settings.layer}")
 
 
+def source_prompts(sources: Sequence[str], split: str | None) -> list[str]:
+    """The prompts of record sources (registry names or files), in order: a prompt record's,
+    example's or pair's `prompt`, a multiple-choice item's `question` (so a gate can learn that
+    quiz-style questions are benign too)."""
+    from tactful.data.records import MCItem
+    from tactful.data.registry import load_records
+
+    return [r.question if isinstance(r, MCItem) else r.prompt for src in sources for r in load_records(src, split=split)]
+
+
 def fit_run_gate(model: Any, tokenizer: Any, settings: GateSettings, split: str, out_dir: str | Path, *,
                  system: str | None = None, log: Any = print) -> PromptGate:
     """Fit the gate of a trained LoRA run on its base model's states and save it to `out_dir`."""
-    from tactful.data.registry import load_records
-
-    def prompts(sources: Sequence[str]) -> list[str]:
-        return [r.prompt for src in sources for r in load_records(src, split=split)]
-
-    harmful, benign = prompts(settings.harmful), prompts(settings.benign)
+    harmful, benign = source_prompts(settings.harmful, split), source_prompts(settings.benign, split)
     if not hasattr(model, "disable_adapter"):
         raise UserError("a prompt gate routes between the model and its LoRA adapter: set lora.enabled: true")
     cfg = PromptGateConfig(layer=settings.layer, c=settings.c, threshold=settings.threshold)
