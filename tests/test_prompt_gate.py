@@ -123,8 +123,15 @@ def test_a_gated_sft_run_evaluates_through_its_gate(tmp_path, tiny_dir):
     suite = tmp_path / "mini.yaml"
     suite.write_text(f"name: mini\ndataset: {dfile}\nexpected: refuse\njudge: string-xstest\n"
                      "generation: {max_new_tokens: 3, batch_size: 4}\n")
-    ev = Evaluator(EvalConfig(run=str(run.path), suites=[str(suite)], out=str(tmp_path / "eval")), log=lambda s: None)
-    ev.run()
+    mc = _write_jsonl(tmp_path / "mc.jsonl", [{"id": f"q{i}", "question": BENIGN[i], "choices": ["a", "b"],
+                                               "answers": [0]} for i in range(3)])
+    mc_suite = tmp_path / "mc.yaml"
+    mc_suite.write_text(f"name: mc\ndataset: {mc}\nexpected: multiple-choice\njudge: \"null\"\nmetric: accuracy\n")
+    ev_cfg = EvalConfig(run=str(run.path), suites=[str(suite), str(mc_suite)], out=str(tmp_path / "eval"))
+    first = Evaluator(ev_cfg, log=lambda s: None).run()
+    # a second run resumes: nothing left to generate or score, the same results (the gate sees no prompts)
+    assert Evaluator(ev_cfg, log=lambda s: None).run()["suites"]["mc"]["value"] == first["suites"]["mc"]["value"]
+    assert run_gate(run.path).decide(*tiny_model(0), []) == []
     rows = [json.loads(x) for x in (tmp_path / "eval" / "mini" / "generations.jsonl").read_text().splitlines()]
     routes = {r["id"]: r["route"] for r in rows}
     assert routes == {"h30": "adapter", "h31": "adapter", "h32": "adapter", "b30": "base", "b31": "base", "b32": "base"}

@@ -66,6 +66,8 @@ class PromptGate:
     def decide(self, model: Any, tokenizer: Any, prompts: Sequence[str], *, system: str | None = None,
                batch_size: int = 32) -> list[bool]:
         """True where the safety adapter should answer."""
+        if not prompts:  # e.g. a resumed evaluation with nothing left to score
+            return []
         p = self.score(model, tokenizer, prompts, system=system, batch_size=batch_size)
         return [bool(x) for x in (p >= self.threshold).tolist()]
 
@@ -137,6 +139,8 @@ def prompt_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: i
     _, layers = decoder_layers(model)
     if not 1 <= layer <= len(layers):
         raise UserError(f"prompt gate layer {layer} is outside the model's decoder layers 1..{len(layers)}")
+    if not prompts:
+        return torch.zeros((0, int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)))
     encoded = chat_prompts(tokenizer, prompts, system)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = _model_device(model)
@@ -183,8 +187,6 @@ def prompt_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: i
                 rows.append(captured[0])
     finally:
         handle.remove()
-    if not rows:
-        return torch.zeros((0, 0))
     feats = torch.cat(rows)
     out = torch.empty_like(feats)
     out[torch.tensor(order)] = feats
