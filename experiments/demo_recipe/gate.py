@@ -1,7 +1,9 @@
 """Does a prompt gate move the demo recipe's frontier? The safety adapter answers only what the gate calls harmful.
 
     python experiments/demo_recipe/gate.py --select     # layer and C: fitted on `fit`, chosen on `dev`
-    python experiments/demo_recipe/gate.py              # fit on `train`, compose the final arms, report
+    python experiments/demo_recipe/gate.py --public     # benign side and layer, chosen on public dev halves
+    python experiments/demo_recipe/gate.py --layer 24 --benign prompts+questions   # the demo's gate:
+                                                        # fit on `train`, compose the final arms, report
 
 The binding constraint of the recipe search is benign refusal: the adapter that declines 98% of
 harmful requests (`sft-declines-anchors`) also refuses most seemingly-toxic ones. A gate
@@ -20,7 +22,9 @@ read blind) give a reading-based estimate per kind: the reading rate of the adap
 replies among those the gate sends to it, and of the base model's among those it keeps, weighted
 by how often the gate fires on that kind.
 
-Writes results/gate.json and results/gate.md (and results/gate-selection.md with --select).
+Writes results/gate.json and results/gate.md (results/gate-selection.md with --select,
+results/gate-threshold.md with --oof, results/gate-public.md and .json with --public: the public
+files are read from --data, ../shared/data by default, and only counts are written).
 """
 
 from __future__ import annotations
@@ -400,6 +404,12 @@ def main() -> None:
                     help="choose the benign side and layer on public dev halves, report held-out halves, then stop")
     ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the public benchmark files (--public)")
     a = ap.parse_args()
+    if a.public:  # the files first: a missing one fails before the model loads
+        missing = [f for f in (*PUBLIC_HARMFUL.values(), *PUBLIC_ORDINARY.values()) if not (a.data / f).is_file()]
+        if missing:
+            sys.stderr.write(f"error: {a.data / missing[0]} not found (--data names the folder of the public "
+                             "benchmark files)\n")
+            sys.exit(2)
     import torch
 
     from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate

@@ -410,7 +410,7 @@ def run_demo(out: str = "runs/demo", limit: int | None = None, align: bool = Tru
         log(stages.line())
         return {"before": before}
     recipe = recipe_path(DEMO_RECIPE)
-    log(f"aligning with {recipe} (chosen by experiments/demo_recipe/search.py) ...")
+    log(f"aligning with {recipe} (chosen by experiments/demo_recipe: search.py, then gate.py) ...")
     run = stages.run("align", lambda: train_recipe(str(recipe), [f"output_dir={root / 'aligned'}"], log=log))
 
     def eval_after() -> dict[str, Any]:
