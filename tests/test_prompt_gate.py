@@ -186,7 +186,8 @@ def test_serve_and_vllm_say_they_do_not_route_a_gated_run(tmp_path):
 
 @pytest.mark.parametrize("field,value,match", [("c", 0.0, "gate.c"), ("threshold", 1.0, "gate.threshold"),
                                                ("layer", 99, "gate.layer"), ("harmful", [], "prompt source"),
-                                               ("benign", ["builtin-benign", "builtin-bening"], "gate.benign: unknown")])
+                                               ("benign", ["builtin-benign", "builtin-bening"], "gate.benign: unknown"),
+                                               ("harmful", ["data/mine.jsonl"], "gate.harmful: data/mine.jsonl does not")])
 def test_bad_gate_settings_fail_before_training(tiny, field, value, match):
     from tactful.methods.prompt_gate import GateSettings, check_gate_settings
 

@@ -253,11 +253,15 @@ def check_gate_settings(settings: GateSettings, model: Any = None) -> None:
 
     for field_name, sources in (("gate.harmful", settings.harmful), ("gate.benign", settings.benign)):
         for src in sources:  # a typo fails now, not after training
-            if not Path(src).expanduser().is_file():
-                try:
-                    get_benchmark(src)
-                except UserError as e:
-                    raise UserError(f"{field_name}: {e}") from None
+            path = Path(src).expanduser()
+            if path.is_file():
+                continue
+            if "/" in src or path.suffix:
+                raise UserError(f"{field_name}: {src} does not exist")
+            try:
+                get_benchmark(src)
+            except UserError as e:
+                raise UserError(f"{field_name}: {e}") from None
     n_layers = None
     if model is not None:
         from tactful.architectures import decoder_layers
