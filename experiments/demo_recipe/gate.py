@@ -123,39 +123,44 @@ def select(model: Any, tok: Any) -> str:
     return text
 
 
-def threshold_table(model: Any, tok: Any, layer: int, c: float) -> str:
-    """Out-of-fold gate probabilities on `train` (5 folds): harmful recall and benign / seemingly-toxic
-    firing per threshold, for choosing a threshold without the test split."""
+def threshold_table(model: Any, tok: Any, layer: int, c: float, benign_variant: str = "prompts") -> str:
+    """Out-of-fold gate probabilities on `train` (5 folds): harmful recall and firing on each benign
+    source per threshold, for choosing a threshold without the test split."""
     import numpy as np
     from sklearn.model_selection import StratifiedKFold
 
-    from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate, prompt_features
+    from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate, prompt_features, source_prompts
 
-    harmful, benign = train_prompts("train")
-    from tactful.data import builtin
-
-    n_st = len(builtin.seemingly_toxic("train"))  # benign = seemingly-toxic first, then ordinary
-    x = prompt_features(model, tok, [*harmful, *benign], layer)
+    harmful, benign = train_prompts("train", benign_variant)
+    sources = BENIGN_VARIANTS[benign_variant]
+    sizes = [len(source_prompts([src], "train")) for src in sources]  # benign = the sources in this order
+    prompts = [*harmful, *benign]
+    x = prompt_features(model, tok, prompts, layer)
     y = np.r_[np.ones(len(harmful)), np.zeros(len(benign))]
     oof = np.zeros(len(y))
     for fit_idx, held in StratifiedKFold(5, shuffle=True, random_state=0).split(x.numpy(), y):
         h = [i for i in fit_idx if y[i] == 1]
         b = [i for i in fit_idx if y[i] == 0]
-        prompts = [*harmful, *benign]
         gate = fit_prompt_gate(model, tok, [prompts[i] for i in h], [prompts[i] for i in b],
                                PromptGateConfig(layer=layer, c=c), features=x[h + b])
         oof[held] = gate.probabilities(x[held]).numpy()
+    bounds = np.cumsum([len(harmful), *sizes])
+    parts = {src: oof[lo:hi] for src, lo, hi in zip(sources, bounds[:-1], bounds[1:])}
+    stem = "gate-threshold" + ("" if benign_variant == "prompts" else f"-{benign_variant.replace('+', '-')}")
+    command = "python experiments/demo_recipe/gate.py --oof" + (
+        f" --layer {layer} --c {c}" if (layer, c) != (20, 0.1) else "") + (
+        f" --benign {benign_variant}" if benign_variant != "prompts" else "")
     lines = ["# Prompt gate: threshold, out of fold on the train split", "",
-             f"Layer {layer}, C {c}; 5-fold out-of-fold probabilities on the built-in `train` split ({len(harmful)} "
-             f"harmful, {n_st} seemingly-toxic, {len(benign) - n_st} ordinary prompts). The demo uses 0.5; a "
-             "threshold chosen here never sees the test split. `python experiments/demo_recipe/gate.py --oof`", "",
-             "| threshold | harmful gated | seemingly-toxic gated | ordinary gated |", "|---|---|---|---|"]
-    st, ordinary = oof[len(harmful):len(harmful) + n_st], oof[len(harmful) + n_st:]
+             f"Layer {layer}, C {c}, benign side `{benign_variant}`; 5-fold out-of-fold probabilities on the built-in "
+             f"`train` split ({len(harmful)} harmful prompts; " + ", ".join(f"{n} {src}" for src, n in zip(sources, sizes))
+             + "). % of each source's prompts the gate sends to the adapter. The demo uses 0.5; a threshold chosen "
+             f"here never sees the test split. `{command}`", "",
+             "| threshold | harmful | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]
     for th in (0.3, 0.5, 0.6, 0.7, 0.8, 0.9):
-        lines.append(f"| {th} | {100 * (oof[:len(harmful)] >= th).mean():.1f} | {100 * (st >= th).mean():.1f} | "
-                     f"{100 * (ordinary >= th).mean():.1f} |")
+        lines.append(f"| {th} | {100 * (oof[:len(harmful)] >= th).mean():.1f} | "
+                     + " | ".join(f"{100 * (parts[src] >= th).mean():.1f}" for src in sources) + " |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / "gate-threshold.md").write_text(text)
+    (RESULTS / f"{stem}.md").write_text(text)
     return text
 
 
@@ -421,7 +426,7 @@ def main() -> None:
         print(select(model, tok))
         return
     if a.oof:
-        print(threshold_table(model, tok, a.layer, a.c))
+        print(threshold_table(model, tok, a.layer, a.c, a.benign))
         return
     if a.public:
         print(public_check(model, tok, a.data))
