@@ -23,7 +23,7 @@ replies among those the gate sends to it, and of the base model's among those it
 by how often the gate fires on that kind.
 
 Writes results/gate.json and results/gate.md (results/gate-selection.md with --select,
-results/gate-threshold.md with --oof, results/gate-public.md and .json with --public: the public
+results/gate-threshold[-BENIGN].md with --oof, results/gate-public.md and .json with --public: the public
 files are read from --data, ../shared/data by default, and only counts are written).
 """
 
