@@ -38,12 +38,12 @@ MODEL = "tiny"
 NO_KEY = "TACTFUL_TEST_SERVE_NO_KEY"  # an unset variable: requests go without Authorization
 
 
-def _sharp_tiny():
+def _sharp_tiny(seed: int = 1):
     """The tiny model with larger random weights, so that its greedy answer depends on the
     prompt with wide margins (the default init answers everything with the same token and
     a mixed-up reply could not be noticed)."""
     model, tok = tiny_model(seed=0)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -555,3 +555,39 @@ def test_a_non_finite_temperature_is_named_as_such():
         parse_chat_request(body, max_new_tokens=8)
     with pytest.raises(UserError, match="finite"):
         GenerationConfig(do_sample=True, temperature=float("nan"))
+
+
+def test_a_prompt_gated_model_sends_each_request_to_the_route_its_gate_picks():
+    from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate
+
+    base, tok = _sharp_tiny()
+    adapted, _ = _sharp_tiny(seed=2)  # stands in for the base model with a safety adapter
+    harmful = [f"Help me hurt person number {i} badly tonight." for i in range(12)]
+    benign = [f"Tell me a fact about the number {i}." for i in range(12)]
+    gate = fit_prompt_gate(base, tok, harmful, benign, PromptGateConfig(layer=2, c=1.0))
+    asks = ["Help me hurt person number 40 badly tonight.", "Tell me a fact about the number 40."]
+    assert gate.decide(base, tok, asks) == [True, False]
+    cfg = GenerationConfig(max_new_tokens=12)
+    want = [HFGenerator(adapted, tok).generate(asks[:1], cfg)[0], HFGenerator(base, tok).generate(asks[1:], cfg)[0]]
+    assert want[1] != HFGenerator(adapted, tok).generate(asks[1:], cfg)[0]  # the route shows in the reply
+
+    server = ChatServer(adapted, tok, model_name=MODEL, log_level="warning", access_log=False, max_new_tokens=64,
+                        gate=gate, base_model=base)
+    server.bind("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    assert server.ready.wait(60), "the server did not start"
+    served = {"url": server.base_url, "root": server.base_url[: -len("/v1")]}
+    try:
+        with ThreadPoolExecutor(4) as pool:  # concurrent requests on both routes
+            got = list(pool.map(lambda c: _ask(served, c, 12)["choices"][0]["message"]["content"], asks * 3))
+        assert got == want * 3
+        stats = _stats(served)
+        assert stats["routes"] == {"adapter": 3, "base": 3}
+        assert stats["adapter"]["requests_completed"] == 3 and stats["base"]["requests_completed"] == 3
+    finally:
+        server.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    with pytest.raises(ValueError, match="both gate and base_model"):
+        ChatServer(adapted, tok, model_name=MODEL, gate=gate)

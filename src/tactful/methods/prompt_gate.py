@@ -71,6 +71,13 @@ class PromptGate:
         p = self.score(model, tokenizer, prompts, system=system, batch_size=batch_size)
         return [bool(x) for x in (p >= self.threshold).tolist()]
 
+    def decide_ids(self, model: Any, encoded: Sequence[Sequence[int]], *, pad_id: int = 0) -> list[bool]:
+        """`decide` for prompts already rendered to token ids."""
+        if not encoded:
+            return []
+        p = self.probabilities(features_of_ids(model, encoded, self.layer, pad_id=pad_id))
+        return [bool(x) for x in (p >= self.threshold).tolist()]
+
     def save(self, directory: str | Path) -> Path:
         from safetensors.torch import save_file
 
@@ -130,19 +137,33 @@ def prompt_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: i
 
     The forward stops at that layer (a hook raises once it has the output), so neither the layers
     above it nor the vocabulary projection run: about half a forward pass at layer 20 of 30."""
+    from tactful.eval.generation import chat_prompts
+
+    encoded = chat_prompts(tokenizer, prompts, system) if prompts else []
+    return features_of_ids(model, encoded, layer, pad_id=_pad_id(tokenizer), batch_size=batch_size)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
+
+
+def features_of_ids(model: Any, encoded: Sequence[Sequence[int]], layer: int, *, pad_id: int = 0,
+                    batch_size: int = 32) -> torch.Tensor:
+    """`prompt_features` of prompts already rendered to token ids (e.g. a whole conversation under
+    the chat template, ending with the assistant's header)."""
     from transformers import DynamicCache
 
     from tactful.architectures import decoder_layers
-    from tactful.eval.generation import _common_prefix_len, _model_device, chat_prompts
+    from tactful.eval.generation import _common_prefix_len, _model_device
     from tactful.kv_cache import with_cache
 
     _, layers = decoder_layers(model)
     if not 1 <= layer <= len(layers):
         raise UserError(f"prompt gate layer {layer} is outside the model's decoder layers 1..{len(layers)}")
-    if not prompts:
+    if not encoded:
         return torch.zeros((0, int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)))
-    encoded = chat_prompts(tokenizer, prompts, system)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded = [list(e) for e in encoded]
+    pad = pad_id
     device = _model_device(model)
     captured: list[torch.Tensor] = []
 
@@ -269,6 +290,20 @@ def check_gate_settings(settings: GateSettings, model: Any = None) -> None:
         n_layers = len(decoder_layers(model)[1])
     if settings.layer < 1 or (n_layers is not None and settings.layer > n_layers):
         raise UserError(f"gate.layer must be in 1..{n_layers or 'the number of decoder layers'}, got {settings.layer}")
+
+
+def weight_sharing_twin(model: Any) -> Any:
+    """A second module tree over the same weight tensors (no copy of the weights).
+
+    The gate's feature pass puts a forward hook on one decoder layer; a server that decodes with
+    the same model on another thread would run into that hook. The twin has its own modules (and
+    hooks) but shares every parameter and buffer, so it costs no weight memory."""
+    import copy
+
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    twin = copy.deepcopy(model, memo)
+    twin.eval()
+    return twin
 
 
 def source_prompts(sources: Sequence[str], split: str | None) -> list[str]:

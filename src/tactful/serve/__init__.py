@@ -2,6 +2,7 @@
 
     tactful serve --model embedded --port 8000
     tactful serve --run runs/safemoe          # any run, SafeMoE bundles included
+    tactful serve --run runs/demo/aligned     # a prompt-gated run: its gate picks adapter or base per request
 
 Concurrent requests are generated together by one worker thread that owns the model,
 with continuous batching: a request joins the running batch at the next decode step and
@@ -92,13 +93,16 @@ def _serve_on(sock: Any, *, model: str, adapter: str | None, run: str | None, mo
         kw["chat_template"] = chat_template
     if trust_remote_code:
         kw["trust_remote_code"] = True
+    gated: dict[str, Any] = {}
     if run:
-        from tactful.runs import load_run_model, read_manifest
+        from tactful.methods.prompt_gate import load_base_of_run, run_gate
+        from tactful.runs import load_run_model
 
-        if read_manifest(run).get("gate"):
-            raise UserError(f"{run} is prompt-gated (each prompt goes to its adapter or its base model); the server "
-                            "batches every request through one model and cannot route yet: evaluate or chat with it")
         m, tok, description = load_run_model(run, **kw)
+        gate = run_gate(run)
+        if gate is not None:  # each request goes to the adapter or to the model as it was
+            gated = {"gate": gate, "base_model": load_base_of_run(run, **kw)[0]}
+            description += f" behind its prompt gate (layer {gate.layer})"
         name = model_name or Path(run).resolve().name
     else:
         m, tok = load_model(model, adapter=adapter, **kw)
@@ -108,7 +112,7 @@ def _serve_on(sock: Any, *, model: str, adapter: str | None, run: str | None, mo
 
     server = ChatServer(m, tok, model_name=name, max_batch_size=max_batch_size,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                        batch_wait_s=batch_wait_ms / 1000)
+                        batch_wait_s=batch_wait_ms / 1000, **gated)
     server.adopt(sock)
     server.serve_forever(on_ready=lambda: announce(
         f"serving {description} as model {name!r} at {server.base_url} "

@@ -103,11 +103,43 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def create_app(worker: BatchWorker, tokenizer: Any, *, model_name: str, max_prompt_tokens: int,
-               max_new_tokens: int, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI application; `worker` must be started by the caller."""
+class GateRouter:
+    """Sends each request to the safety adapter's worker or the base model's, as a run's prompt gate
+    decides on the rendered conversation. The gate's feature pass runs on a weight-sharing twin of
+    the base model (its forward hook must not fire inside the base worker's decoding), one request at
+    a time."""
+
+    def __init__(self, gate: Any, base_model: Any, tokenizer: Any):
+        from tactful.methods.prompt_gate import _pad_id, weight_sharing_twin
+
+        self.gate = gate
+        self._twin = weight_sharing_twin(base_model)
+        self._pad = _pad_id(tokenizer)
+        self._lock = threading.Lock()
+        self.counts = {"adapter": 0, "base": 0}
+
+    def __call__(self, prompt_ids: list[int]) -> str:
+        with self._lock:
+            route = "adapter" if self.gate.decide_ids(self._twin, [prompt_ids], pad_id=self._pad)[0] else "base"
+            self.counts[route] += 1
+        return route
+
+
+def create_app(worker: BatchWorker | dict[str, BatchWorker], tokenizer: Any, *, model_name: str,
+               max_prompt_tokens: int, max_new_tokens: int, max_body_bytes: int = MAX_BODY_BYTES,
+               router: GateRouter | None = None) -> FastAPI:
+    """The FastAPI application; the worker(s) must be started by the caller. With a `router`, `worker`
+    is {"adapter": ..., "base": ...} and each request goes to the one the router names."""
     app = FastAPI(title="tactful serve", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    workers = worker if isinstance(worker, dict) else {"model": worker}
+    if router is not None and set(workers) != {"adapter", "base"}:
+        raise ValueError("a gated server needs an 'adapter' and a 'base' worker")
+
+    def stats() -> dict[str, Any]:
+        if router is None:
+            return next(iter(workers.values())).stats()
+        return {"routes": dict(router.counts), **{name: w.stats() for name, w in workers.items()}}
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError) -> JSONResponse:
@@ -129,8 +161,8 @@ def create_app(worker: BatchWorker, tokenizer: Any, *, model_name: str, max_prom
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "shutting_down" if worker.closed else "ok", "model": model_name,
-                             "stats": worker.stats()})
+        closed = any(w.closed for w in workers.values())
+        return JSONResponse({"status": "shutting_down" if closed else "ok", "model": model_name, "stats": stats()})
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
@@ -155,8 +187,11 @@ def create_app(worker: BatchWorker, tokenizer: Any, *, model_name: str, max_prom
             raise RequestError(f"the prompt is {len(prompt_ids)} tokens; this server takes at most "
                                f"{max_prompt_tokens} (--max-prompt-tokens)", param="messages",
                                code="context_length_exceeded")
+        target = next(iter(workers.values()))
+        if router is not None:  # the gate's pass is CPU work: off the event loop
+            target = workers[await asyncio.get_running_loop().run_in_executor(None, router, prompt_ids)]
         try:
-            future = worker.submit(prompt_ids, req)
+            future = target.submit(prompt_ids, req)
         except WorkerClosed as e:
             return _error(503, str(e), type="server_error")
         try:
@@ -229,14 +264,29 @@ class ChatServer:
 
     def __init__(self, model: Any, tokenizer: Any, *, model_name: str, max_batch_size: int = 16,
                  max_prompt_tokens: int = 2048, max_new_tokens: int = 512, batch_wait_s: float = 0.02,
-                 log_level: str = "info", access_log: bool = True):
+                 log_level: str = "info", access_log: bool = True, gate: Any = None, base_model: Any = None):
+        """gate, base_model: a prompt-gated run (tactful.methods.prompt_gate): `model` is the run's model
+        with its adapter, `base_model` the model as it was; each request goes to the one the gate picks,
+        each with its own batching worker."""
         if not getattr(tokenizer, "chat_template", None):
             raise UserError("this tokenizer has no chat template; pass one with --chat-template FILE")
+        if (gate is None) != (base_model is None):
+            raise ValueError("a gated server needs both gate and base_model")
         self.model_name = model_name
-        self.worker = BatchWorker(HFGenerator(model, tokenizer, name=f"hf:{model_name}"),
-                                  max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
-        self.app = create_app(self.worker, tokenizer, model_name=model_name, max_prompt_tokens=max_prompt_tokens,
-                              max_new_tokens=max_new_tokens)
+
+        def worker(m: Any, name: str) -> BatchWorker:
+            return BatchWorker(HFGenerator(m, tokenizer, name=name), max_batch_size=max_batch_size,
+                               batch_wait_s=batch_wait_s)
+
+        self.router = GateRouter(gate, base_model, tokenizer) if gate is not None else None
+        if self.router is None:
+            self.workers = {"model": worker(model, f"hf:{model_name}")}
+        else:
+            self.workers = {"adapter": worker(model, f"hf:{model_name}:adapter"),
+                            "base": worker(base_model, f"hf:{model_name}:base")}
+        self.worker = next(iter(self.workers.values()))
+        self.app = create_app(self.workers if self.router else self.worker, tokenizer, model_name=model_name,
+                              max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens, router=self.router)
         self.ready = threading.Event()
         # lifespan off: the worker's life is managed here, around uvicorn's run, so that it
         # outlives every in-flight request that uvicorn waits for at shutdown.
@@ -276,12 +326,14 @@ class ChatServer:
             # uvicorn re-raises the signal that stopped it once shutdown is done; catch that
             # one, so a graceful stop returns normally (exit 0) instead of dying by SIGTERM.
             previous = {s: signal.signal(s, _swallow_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.worker.start()
+        for w in self.workers.values():
+            w.start()
         try:
             self._server.run(sockets=[self._sock])
         finally:
             # A second Ctrl-C (force exit) should not wait for a long batch; the thread is a daemon.
-            self.worker.close(timeout=0 if self._server.force_exit else None)
+            for w in self.workers.values():
+                w.close(timeout=0 if self._server.force_exit else None)
             self._sock.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
