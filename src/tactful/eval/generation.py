@@ -98,6 +98,14 @@ def stop_token_ids(tokenizer: Any, model: Any = None) -> set[int]:
     return ids
 
 
+def pad_id_of(tokenizer: Any) -> int:
+    """The id that left-pads prompt batches: the pad token, else end-of-sequence, else 0 (the
+    attention mask hides it either way)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
+
+
 def chat_prompts(tokenizer: Any, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
     """Token ids of each prompt rendered with the chat template, ready for the assistant's reply.
 
@@ -154,12 +162,7 @@ class HFGenerator:
         self.name = name
         self.share_prefix = share_prefix
         self.stop_ids = stop_token_ids(tokenizer, model)
-        if tokenizer.pad_token_id is not None:
-            self.pad_id = int(tokenizer.pad_token_id)
-        elif tokenizer.eos_token_id is not None:
-            self.pad_id = int(tokenizer.eos_token_id)
-        else:
-            self.pad_id = 0
+        self.pad_id = pad_id_of(tokenizer)
         self._logits_to_keep = True  # switched off for models whose forward does not take it
 
     def __repr__(self) -> str:

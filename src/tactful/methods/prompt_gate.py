@@ -137,14 +137,10 @@ def prompt_features(model: Any, tokenizer: Any, prompts: Sequence[str], layer: i
 
     The forward stops at that layer (a hook raises once it has the output), so neither the layers
     above it nor the vocabulary projection run: about half a forward pass at layer 20 of 30."""
-    from tactful.eval.generation import chat_prompts
+    from tactful.eval.generation import chat_prompts, pad_id_of
 
     encoded = chat_prompts(tokenizer, prompts, system) if prompts else []
-    return features_of_ids(model, encoded, layer, pad_id=_pad_id(tokenizer), batch_size=batch_size)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
+    return features_of_ids(model, encoded, layer, pad_id=pad_id_of(tokenizer), batch_size=batch_size)
 
 
 def features_of_ids(model: Any, encoded: Sequence[Sequence[int]], layer: int, *, pad_id: int = 0,
@@ -163,7 +159,6 @@ def features_of_ids(model: Any, encoded: Sequence[Sequence[int]], layer: int, *,
     if not encoded:
         return torch.zeros((0, int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)))
     encoded = [list(e) for e in encoded]
-    pad = pad_id
     device = _model_device(model)
     captured: list[torch.Tensor] = []
 
@@ -186,7 +181,7 @@ def features_of_ids(model: Any, encoded: Sequence[Sequence[int]], layer: int, *,
             for start in range(0, len(order), batch_size):
                 chunk = [encoded[i][shared:] for i in order[start:start + batch_size]]
                 width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
+                ids = torch.full((len(chunk), width), int(pad_id), dtype=torch.long)
                 mask = torch.zeros((len(chunk), shared + width), dtype=torch.long)
                 mask[:, :shared] = 1
                 for j, r in enumerate(chunk):  # left padding: every prompt's last token in the last column

@@ -110,11 +110,12 @@ class GateRouter:
     a time."""
 
     def __init__(self, gate: Any, base_model: Any, tokenizer: Any):
-        from tactful.methods.prompt_gate import _pad_id, weight_sharing_twin
+        from tactful.eval.generation import pad_id_of
+        from tactful.methods.prompt_gate import weight_sharing_twin
 
         self.gate = gate
         self._twin = weight_sharing_twin(base_model)
-        self._pad = _pad_id(tokenizer)
+        self._pad = pad_id_of(tokenizer)
         self._lock = threading.Lock()
         self.counts = {"adapter": 0, "base": 0}
 
