@@ -27,6 +27,19 @@ def test_refusals_and_informative_answers_per_domain():
     assert builtin.harmful_examples("refusal", split="test") == []  # held-out prompts carry no targets
 
 
+def test_harmful_questions_are_short_and_cover_every_domain_and_shape():
+    recs = builtin.harmful_questions()
+    per = Counter((r.category, r.meta["split"]) for r in recs)
+    assert {d for d, _ in per} == set(builtin.HARM_DOMAINS)
+    assert all(per[(d, "train")] == 20 and per[(d, "test")] == 10 for d in builtin.HARM_DOMAINS)
+    words = sorted(len(r.prompt.split()) for r in recs)
+    assert words[len(words) // 2] <= 15 and words[-1] <= 30  # short: the point of the set
+    assert len({r.meta["shape"] for r in recs}) >= 6
+    declines = builtin.harmful_question_declines("train")
+    assert len(declines) == 160 and builtin.harmful_question_declines("test") == []
+    assert all(d.response.strip() and d.response.count(". ") == 0 for d in declines)  # one sentence each
+
+
 def test_sizes():
     assert len(builtin.seemingly_toxic()) >= 250
     assert len(set(r.category for r in builtin.seemingly_toxic())) >= 8
@@ -39,6 +52,7 @@ def test_sizes():
 
 @pytest.mark.parametrize("loader", [
     lambda s: [r.prompt for r in builtin.harmful_prompts(s)],
+    lambda s: [r.prompt for r in builtin.harmful_questions(s)],
     lambda s: [r.prompt for r in builtin.seemingly_toxic(s)],
     lambda s: [r.prompt for r in builtin.benign(s)],
     lambda s: [r.prompt for r in builtin.labelled_responses(s)],
@@ -53,12 +67,15 @@ def test_no_prompt_in_both_train_and_test(loader):
 
 def test_no_prompt_shared_across_harmful_and_benign_sets():
     harmful = {_norm(r.prompt) for r in builtin.harmful_prompts()}
+    questions = {_norm(r.prompt) for r in builtin.harmful_questions()}
+    assert not harmful & questions
+    harmful |= questions
     benign = {_norm(r.prompt) for r in builtin.seemingly_toxic()} | {_norm(r.prompt) for r in builtin.benign()}
     assert not harmful & benign
 
 
 def test_ids_unique():
-    for recs in (builtin.harmful_prompts(), builtin.seemingly_toxic(), builtin.benign(), builtin.labelled_responses(),
+    for recs in (builtin.harmful_prompts(), builtin.harmful_questions(), builtin.seemingly_toxic(), builtin.benign(), builtin.labelled_responses(),
                  builtin.mc_capability(), builtin.mc_truthfulness()):
         ids = [r.id for r in recs]
         assert len(ids) == len(set(ids))
@@ -69,8 +86,8 @@ def test_mc_answers_valid():
         assert item.answers and all(0 <= a < len(item.choices) for a in item.answers)
 
 
-@pytest.mark.parametrize("loader", [builtin.harmful_prompts, builtin.seemingly_toxic, builtin.benign,
-                                    builtin.mc_capability])
+@pytest.mark.parametrize("loader", [builtin.harmful_prompts, builtin.harmful_questions, builtin.seemingly_toxic,
+                                    builtin.benign, builtin.mc_capability])
 def test_fit_and_dev_partition_train(loader):
     """A recipe search trains on fit and chooses on dev: together they are train, never overlapping,
     and dev is about a fifth of it."""

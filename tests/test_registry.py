@@ -441,7 +441,8 @@ def test_builtin_data_files_exist():
     # The built-in sets are package data; this fails (rather than skips) if any is missing.
     missing = [str(p) for p in [*(builtin.builtin_dir() / f"harmful/{d}.jsonl" for d in builtin.HARM_DOMAINS),
                                 *(builtin.builtin_dir() / f for f in ("seemingly_toxic.jsonl", "benign.jsonl",
-                                                                      "labelled_responses.jsonl"))]
+                                                                      "labelled_responses.jsonl",
+                                                                      "harmful_questions.jsonl"))]
                if not p.exists()]
     assert not missing, f"built-in data files missing: {missing}"
 
@@ -453,6 +454,8 @@ def test_builtin_data_files_exist():
     ("builtin-labelled", LabelledResponse, None),
     ("builtin-refusals", Example, HARMFUL),
     ("builtin-informative", Example, HARMFUL),
+    ("builtin-harmful-questions", PromptRecord, HARMFUL),
+    ("builtin-question-declines", Example, HARMFUL),
 ])
 def test_builtin_sets_load_by_name_and_split(name, cls, label):
     assert _builtin_files_present(), "built-in data files are missing (see test_builtin_data_files_exist)"

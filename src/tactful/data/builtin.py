@@ -102,6 +102,29 @@ def harmful_prompts(split: str | None = None, domains: Sequence[str] | None = No
     ]
 
 
+def harmful_questions(split: str | None = None) -> list[PromptRecord]:
+    """Short harmful requests, mostly plain questions ("How do I ...?", "Where can I buy ...?", words
+    with a harmless sense used in a harmful one, "Why are <group> so ...?"), 30 per harm domain: the
+    shape of request the one-line set above has least of, so a classifier of harmful prompts (the
+    prompt gate) does not learn "long imperative" for "harmful"."""
+    _check_split(split)
+    return [
+        PromptRecord(prompt=r["prompt"], label=HARMFUL, category=r["category"], id=r["id"],
+                     source="builtin:harmful-questions", meta={"split": r["split"], "shape": r["shape"]})
+        for r in _rows("harmful_questions.jsonl") if in_split(r, split)
+    ]
+
+
+def harmful_question_declines(split: str = "train") -> list[Example]:
+    """The short harmful questions with a one-sentence decline (train split only)."""
+    _check_split(split)
+    return [
+        Example(prompt=r["prompt"], response=r["decline"], label=HARMFUL, category=r["category"], id=r["id"],
+                source="builtin:harmful-question-declines", meta={"split": r["split"], "shape": r["shape"]})
+        for r in _rows("harmful_questions.jsonl") if in_split(r, split) and r["split"] == "train"
+    ]
+
+
 def harmful_examples(kind: str = "refusal", split: str = "train",
                      domains: Sequence[str] | None = None) -> list[Example]:
     """Harmful prompts paired with a refusal (`kind="refusal"`), a safe-but-informative answer

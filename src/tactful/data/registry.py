@@ -498,6 +498,20 @@ def _builtin_harmful(rows: list[Row]) -> list[PromptRecord]:
             for i, r in enumerate(rows)]
 
 
+def _builtin_harmful_questions(rows: list[Row]) -> list[PromptRecord]:
+    return [PromptRecord(prompt=_text(r, "prompt"), label=HARMFUL, category=_opt_text(r, "category"),
+                         id=_row_id(r, "id", "builtin-harmful-questions", i), source="builtin:harmful-questions",
+                         meta=_meta(split=_opt_text(r, "split"), shape=_opt_text(r, "shape")))
+            for i, r in enumerate(rows)]
+
+
+def _builtin_question_declines(rows: list[Row]) -> list[Example]:
+    return [Example(prompt=_text(r, "prompt"), response=_text(r, "decline"), label=HARMFUL,
+                    category=_opt_text(r, "category"), id=_row_id(r, "id", "builtin-question-declines", i),
+                    source="builtin:harmful-question-declines", meta=_meta(split=_opt_text(r, "split")))
+            for i, r in enumerate(rows) if r.get("decline") and r.get("split", "train") == "train"]
+
+
 def _builtin_seemingly_toxic(rows: list[Row]) -> list[PromptRecord]:
     return [PromptRecord(prompt=_text(r, "prompt"), label=SEEMINGLY_TOXIC, category=_opt_text(r, "type", "category"),
                          id=_row_id(r, "id", "builtin-seemingly-toxic", i), source="builtin:seemingly-toxic",
@@ -573,6 +587,8 @@ _BUILTIN_LOADERS: dict[str, Callable[[str | None], list]] = {
     "builtin-informative": lambda split: builtin.harmful_examples("informative", split=split),  # type: ignore[arg-type]
     "builtin-seemingly-toxic-answers": lambda split: builtin.seemingly_toxic_examples(split or "train"),
     "builtin-declines": lambda split: builtin.harmful_examples("decline", split=split),  # type: ignore[arg-type]
+    "builtin-harmful-questions": lambda split: builtin.harmful_questions(split),
+    "builtin-question-declines": lambda split: builtin.harmful_question_declines(split or "train"),
     "builtin-own-helpful": lambda split: builtin.own_helpful_replies(split or "train"),
     "builtin-gold-pairs": lambda split: builtin.gold_pairs(split or "train"),
     "builtin-capability": lambda split: builtin.mc_capability(split),
@@ -688,6 +704,12 @@ _register(
     # Built-in sets, written for tactful and shipped in the package; `split` picks train / test.
     Benchmark("builtin-harmful", "prompts", "tactful's built-in harmful requests across 8 harm domains.",
               None, "", "Apache-2.0", _builtin_harmful, ("prompt", "category", "id", "split")),
+    Benchmark("builtin-harmful-questions", "prompts",
+              "tactful's built-in short harmful requests, mostly plain questions, 30 per harm domain.",
+              None, "", "Apache-2.0", _builtin_harmful_questions, ("prompt", "category", "id", "split", "shape")),
+    Benchmark("builtin-question-declines", "examples",
+              "tactful's built-in short harmful questions (train split) with a one-sentence decline.",
+              None, "", "Apache-2.0", _builtin_question_declines, ("prompt", "decline", "category", "id")),
     Benchmark("builtin-seemingly-toxic", "prompts",
               "tactful's built-in benign prompts that only sound harmful (XSTest-style types).",
               None, "", "Apache-2.0", _builtin_seemingly_toxic, ("prompt", "type", "id", "split")),
