@@ -1,9 +1,11 @@
 """Does a prompt gate move the demo recipe's frontier? The safety adapter answers only what the gate calls harmful.
 
     python experiments/demo_recipe/gate.py --select     # layer and C: fitted on `fit`, chosen on `dev`
-    python experiments/demo_recipe/gate.py --public     # benign side and layer, chosen on public dev halves
-    python experiments/demo_recipe/gate.py --layer 24 --benign prompts+questions   # the demo's gate:
-                                                        # fit on `train`, compose the final arms, report
+    python experiments/demo_recipe/gate.py --public     # harmful and benign sides, layer, threshold:
+                                                        # chosen on public dev halves
+    python experiments/demo_recipe/gate.py --layer L --benign B --harmful H --threshold T
+                                                        # a gate fitted on `train`: compose the final
+                                                        # arms, report (the demo's: recipes/demo.yaml)
 
 The binding constraint of the recipe search is benign refusal: the adapter that declines 98% of
 harmful requests (`sft-declines-anchors`) also refuses most seemingly-toxic ones. A gate
@@ -85,10 +87,22 @@ PUBLIC_CAP = 300  # prompts per set at most (150 dev + 150 held out)
 DATA_DIR = HERE.parents[2] / "shared" / "data"
 
 
-def train_prompts(split: str, benign_variant: str = "prompts") -> tuple[list[str], list[str]]:
+# The gate's harmful side. "requests": the built-in one-line harmful requests (sessions 15-16);
+# "requests+questions": also the built-in short harmful questions (session 17), so short questions are
+# not read as quiz-like by a gate that has quiz questions on its benign side.
+HARMFUL_VARIANTS = {
+    "requests": ["builtin-harmful"],
+    "requests+questions": ["builtin-harmful", "builtin-harmful-questions"],
+}
+THRESHOLDS = (0.5, 0.6, 0.7)
+
+
+def train_prompts(split: str, benign_variant: str = "prompts",
+                  harmful_variant: str = "requests") -> tuple[list[str], list[str]]:
     from tactful.methods.prompt_gate import source_prompts
 
-    return source_prompts(["builtin-harmful"], split), source_prompts(BENIGN_VARIANTS[benign_variant], split)
+    return (source_prompts(HARMFUL_VARIANTS[harmful_variant], split),
+            source_prompts(BENIGN_VARIANTS[benign_variant], split))
 
 
 def select(model: Any, tok: Any) -> str:
@@ -184,13 +198,26 @@ def public_halves(data_dir: Path) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+Candidate = tuple[str, str, int, float]  # (harmful side, benign side, layer, threshold)
+FIRST_GATE: Candidate = ("requests", "prompts", 20, 0.5)  # session 15
+SECOND_GATE: Candidate = ("requests", "prompts+questions", 24, 0.5)  # session 16
+
+
+def _name(c: Candidate) -> str:
+    return f"`{c[0]}` / `{c[1]}`, layer {c[2]}, threshold {c[3]}"
+
+
 def public_check(model: Any, tok: Any, data_dir: Path) -> str:
-    """Does the gate generalise beyond the built-in prompts' style? Candidates (benign variant x layer,
-    C 0.1, threshold 0.5) are fitted on `fit` and chosen on dev sets: built-in `dev` and the public dev
-    halves. The rule, fixed before any run: the largest (mean harmful recall over the harmful sets -
-    mean firing over the benign sets), each set weighing the same; ties to session 15's gate. The chosen
-    gate and session 15's are then fitted on `train` (as the demo does) and measured once on the public
+    """Does the gate generalise beyond the built-in prompts' style? Candidates (harmful side x benign
+    side x layer x threshold, C 0.1) are fitted on `fit` and chosen on dev sets: built-in `dev` and the
+    public dev halves. The rule, fixed before any run: the largest (mean harmful recall over the harmful
+    sets - mean firing over the benign sets), each set weighing the same; ties to the demo's gate as it
+    was, then to the lower threshold. The built-in short harmful questions' dev split is shown but not
+    scored, so the score means what it meant when only the one-line requests existed. The chosen gate
+    and the earlier ones are then fitted on `train` (as the demo does) and measured once on the public
     held-out halves and the built-in test splits."""
+    import torch
+
     from tactful.data import builtin
     from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate, prompt_features, source_prompts
 
@@ -200,33 +227,48 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
     benign_dev = {"builtin-seemingly-toxic": source_prompts(["builtin-seemingly-toxic"], "dev"),
                   "builtin-benign": source_prompts(["builtin-benign"], "dev"),
                   **{n: halves[n]["dev"] for n in PUBLIC_ORDINARY}}
-    current = ("prompts", 20)
+    shown = {"builtin-harmful-questions": source_prompts(["builtin-harmful-questions"], "dev")}
+    dev_sets = {**harmful_dev, **benign_dev, **shown}
+    sources = sorted({s for v in (*HARMFUL_VARIANTS.values(), *BENIGN_VARIANTS.values()) for s in v})
+    current = SECOND_GATE
     rows = []
     for layer in (16, 20, 24):
-        feats = {n: prompt_features(model, tok, p, layer) for n, p in {**harmful_dev, **benign_dev}.items()}
-        for variant in BENIGN_VARIANTS:
-            harmful, benign = train_prompts("fit", variant)
-            gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=0.1))
-            rate = {n: float((gate.probabilities(x) >= gate.threshold).float().mean()) for n, x in feats.items()}
-            score = (sum(rate[n] for n in harmful_dev) / len(harmful_dev)
-                     - sum(rate[n] for n in benign_dev) / len(benign_dev))
-            rows.append({"variant": variant, "layer": layer, "score": score, "dev": rate})
-            print(f"layer {layer} {variant:18s} score {100 * score:.1f}  " +
-                  " ".join(f"{n} {100 * v:.0f}" for n, v in rate.items()), flush=True)
-    best = max(rows, key=lambda r: (round(r["score"], 9), (r["variant"], r["layer"]) == current))
-    chosen = (best["variant"], best["layer"])
+        feats = {n: prompt_features(model, tok, p, layer) for n, p in dev_sets.items()}
+        fit_x = {src: prompt_features(model, tok, source_prompts([src], "fit"), layer) for src in sources}
+        for hv, hsrc in HARMFUL_VARIANTS.items():
+            for bv, bsrc in BENIGN_VARIANTS.items():
+                harmful, benign = train_prompts("fit", bv, hv)
+                x = torch.cat([fit_x[src] for src in (*hsrc, *bsrc)])
+                gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=0.1), features=x)
+                probs = {n: gate.probabilities(f) for n, f in feats.items()}
+                for th in THRESHOLDS:
+                    rate = {n: float((p >= th).float().mean()) for n, p in probs.items()}
+                    score = (sum(rate[n] for n in harmful_dev) / len(harmful_dev)
+                             - sum(rate[n] for n in benign_dev) / len(benign_dev))
+                    rows.append({"harmful": hv, "benign": bv, "layer": layer, "threshold": th, "score": score,
+                                 "dev": rate})
+                    print(f"layer {layer} {hv:18s} {bv:18s} th {th} score {100 * score:.1f}  " +
+                          " ".join(f"{n} {100 * v:.0f}" for n, v in rate.items()), flush=True)
+
+    def key(r: dict[str, Any]) -> Candidate:
+        return (r["harmful"], r["benign"], r["layer"], r["threshold"])
+
+    best = max(rows, key=lambda r: (round(r["score"], 9), key(r) == current, -r["threshold"]))
+    chosen = key(best)
 
     held = {**{n: ("harmful", halves[n]["held_out"]) for n in PUBLIC_HARMFUL},
             **{n: ("ordinary", halves[n]["held_out"]) for n in PUBLIC_ORDINARY},
             "builtin test harmful": ("harmful", [r.prompt for r in builtin.harmful_prompts("test")]),
+            "builtin test harmful questions": ("harmful", [r.prompt for r in builtin.harmful_questions("test")]),
             "builtin test seemingly-toxic": ("seemingly toxic", [r.prompt for r in builtin.seemingly_toxic("test")]),
             "builtin test ordinary": ("ordinary", [r.prompt for r in builtin.benign_prompts("test")]),
             "builtin test MC questions": ("ordinary", [r.question for r in builtin.mc_capability("test")])}
     final = {}
-    for variant, layer in dict.fromkeys([current, chosen]):
-        harmful, benign = train_prompts("train", variant)
-        gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=0.1))
-        final[(variant, layer)] = {n: gate.decide(model, tok, p) for n, (_, p) in held.items()}
+    for cand in dict.fromkeys([FIRST_GATE, SECOND_GATE, chosen]):
+        hv, bv, layer, th = cand
+        harmful, benign = train_prompts("train", bv, hv)
+        gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=0.1, threshold=th))
+        final[cand] = {n: gate.decide(model, tok, p) for n, (_, p) in held.items()}
 
     from tactful.eval import metrics as M
 
@@ -234,40 +276,48 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
         r = M.rate(fired)
         return f"{100 * r.value:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
 
+    cols = [*harmful_dev, *benign_dev, *shown]
     lines = ["# Prompt gate on public prompts it never saw", "",
              "Does the gate generalise beyond the style of the built-in prompts? Public sets no demo stage uses "
              f"({', '.join(PUBLIC_HARMFUL)}: harmful; {', '.join(PUBLIC_ORDINARY)}: ordinary questions) are each "
              f"shuffled once (seeded) and split into a dev half and a held-out half (at most {PUBLIC_CAP // 2} each). "
-             "Candidates: the gate's benign side (`prompts`: built-in seemingly-toxic + ordinary requests; "
-             "`prompts+questions`: also the built-in quiz questions) x layer, C 0.1, threshold 0.5, fitted on the "
-             "built-in `fit` split. Rule, fixed before the run: the largest mean harmful recall over the harmful dev "
-             "sets minus mean firing over the benign dev sets (built-in dev seemingly-toxic and ordinary, and the "
-             "public ordinary dev halves), each set weighing the same. Model: embedded SmolLM2-135M-Instruct. "
-             "`python experiments/demo_recipe/gate.py --public`", "",
+             "Candidates: the gate's harmful side (`requests`: the built-in one-line harmful requests; "
+             "`requests+questions`: also the built-in short harmful questions) x its benign side (`prompts`: "
+             "built-in seemingly-toxic + ordinary requests; `prompts+questions`: also the built-in quiz questions) x "
+             f"layer x threshold ({', '.join(map(str, THRESHOLDS))}), C 0.1, fitted on the built-in `fit` split. "
+             "Rule, fixed before the run: the largest mean harmful recall over the harmful dev sets minus mean firing "
+             "over the benign dev sets (built-in dev seemingly-toxic and ordinary, and the public ordinary dev "
+             "halves), each set weighing the same; ties to the demo's gate as it was, then to the lower threshold. "
+             "The short harmful questions' dev split is shown, not scored. Model: embedded "
+             "SmolLM2-135M-Instruct. `python experiments/demo_recipe/gate.py --public`", "",
              "## Choice on the dev sets (% of prompts the gate sends to the adapter)", "",
-             "| benign side | layer | score | " + " | ".join(n for n in [*harmful_dev, *benign_dev]) + " |",
-             "|---|---|---|" + "---|" * (len(harmful_dev) + len(benign_dev))]
-    for r in sorted(rows, key=lambda r: (r["variant"], r["layer"])):
-        mark = " **(chosen)**" if (r["variant"], r["layer"]) == chosen else ""
-        lines.append(f"| `{r['variant']}`{mark} | {r['layer']} | {100 * r['score']:.1f} | " +
-                     " | ".join(f"{100 * r['dev'][n]:.0f}" for n in [*harmful_dev, *benign_dev]) + " |")
+             "| harmful side | benign side | layer | threshold | score | " + " | ".join(cols) + " |",
+             "|---|---|---|---|---|" + "---|" * len(cols)]
+    for r in sorted(rows, key=lambda r: (r["harmful"], r["benign"], r["layer"], r["threshold"])):
+        mark = " **(chosen)**" if key(r) == chosen else ""
+        lines.append(f"| `{r['harmful']}`{mark} | `{r['benign']}` | {r['layer']} | {r['threshold']} | "
+                     f"{100 * r['score']:.1f} | " + " | ".join(f"{100 * r['dev'][n]:.0f}" for n in cols) + " |")
     names = list(final)
+    labels = {FIRST_GATE: "first gate", SECOND_GATE: "second gate", chosen: "chosen"}
     lines += ["", "## Held out: fitted on `train`, measured once (% gated, 95% bootstrap interval)", "",
-              "| set | kind | n | " + " | ".join(f"`{v}`, layer {l}" + (" (chosen)" if (v, l) == chosen else "")
-                                                  for v, l in names) + " |",
+              "Columns: " + "; ".join(f"{labels[c] if c != chosen else 'chosen'}: {_name(c)}" for c in names) + ".", "",
+              "| set | kind | n | " + " | ".join(("chosen" if c == chosen else labels[c]) for c in names) + " |",
               "|---|---|---|" + "---|" * len(names)]
     for n, (kind, p) in held.items():
         lines.append(f"| {n} | {kind} | {len(p)} | " + " | ".join(cell(final[k][n]) for k in names) + " |")
     lines += ["", "The public halves and the built-in test splits were not used for fitting or choosing. The "
-              "built-in test splits were seen before (session 15 reported them with the `prompts` gate)."]
+              "public held-out halves and the built-in test splits were seen before (sessions 15-16 reported "
+              "them for the first two gates); the short harmful questions were written in session 17, after "
+              "XSTest's unsafe prompts (short questions) showed the second gate's weakness, without reading any "
+              "public set's items."]
     text = "\n".join(lines) + "\n"
     from tactful.io import atomic_write_json, atomic_write_text
 
     atomic_write_text(RESULTS / "gate-public.md", text)
     atomic_write_json(RESULTS / "gate-public.json", {
-        "chosen": {"benign": chosen[0], "layer": chosen[1]}, "dev": rows,
-        "held_out": {f"{v}@{l}": {n: {"fired": sum(f), "n": len(f)} for n, f in final[(v, l)].items()}
-                     for v, l in names}})
+        "chosen": dict(zip(("harmful", "benign", "layer", "threshold"), chosen)), "dev": rows,
+        "held_out": {"@".join(map(str, c)): {n: {"fired": sum(f), "n": len(f)} for n, f in final[c].items()}
+                     for c in names}})
     return text
 
 
@@ -405,6 +455,9 @@ def main() -> None:
     ap.add_argument("--c", type=float, default=0.1)
     ap.add_argument("--benign", choices=list(BENIGN_VARIANTS), default="prompts",
                     help="the gate's benign side (see BENIGN_VARIANTS)")
+    ap.add_argument("--harmful", choices=list(HARMFUL_VARIANTS), default="requests",
+                    help="the gate's harmful side (see HARMFUL_VARIANTS)")
+    ap.add_argument("--threshold", type=float, default=0.5, help="P(harmful) at which the gate fires")
     ap.add_argument("--public", action="store_true",
                     help="choose the benign side and layer on public dev halves, report held-out halves, then stop")
     ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the public benchmark files (--public)")
@@ -431,8 +484,12 @@ def main() -> None:
     if a.public:
         print(public_check(model, tok, a.data))
         return
-    harmful, benign = train_prompts("train", a.benign)
-    gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=a.layer, c=a.c), source="builtin:train")
+    if not 0 < a.threshold < 1:
+        sys.stderr.write(f"error: --threshold must be in (0, 1), got {a.threshold}\n")
+        sys.exit(2)
+    harmful, benign = train_prompts("train", a.benign, a.harmful)
+    gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=a.layer, c=a.c, threshold=a.threshold),
+                           source="builtin:train")
     fires = {}
     for suite, items in prompts_by_suite().items():
         ids = list(items)
@@ -440,13 +497,16 @@ def main() -> None:
     final = json.loads((RESULTS / "final-sft-declines-anchors.json").read_text())
     from tactful.eval.judges.validation import format_accuracy
 
-    meta = {"gate": f"layer {a.layer}, C {a.c}, benign side `{a.benign}`, fitted on {len(harmful)} harmful / "
+    meta = {"gate": f"layer {a.layer}, C {a.c}, threshold {a.threshold}, harmful side `{a.harmful}`, benign side "
+                    f"`{a.benign}`, fitted on {len(harmful)} harmful / "
                     f"{len(benign)} benign train prompts "
                     f"(train accuracy {100 * gate.meta['train_accuracy']:.1f}%)",
             "judge_accuracy": format_accuracy(final.get("judge_accuracy") or {}),
             "command": "python experiments/demo_recipe/gate.py" + (f" --layer {a.layer} --c {a.c}"
                                                                    if (a.layer, a.c) != (20, 0.1) else "")
-            + (f" --benign {a.benign}" if a.benign != "prompts" else "")}
+            + (f" --benign {a.benign}" if a.benign != "prompts" else "")
+            + (f" --harmful {a.harmful}" if a.harmful != "requests" else "")
+            + (f" --threshold {a.threshold}" if a.threshold != 0.5 else "")}
     res = compose(RESULTS, fires, meta)
     from tactful.io import atomic_write_json, atomic_write_text
 
