@@ -8,6 +8,7 @@
     python experiments/audit.py pooled --labels STEM ... --compare ARM=BASELINE --results OUT.json
     python experiments/audit.py batch ... --paired --differing --n 1000   # every reply that differs
     python experiments/audit.py exact --labels STEM ... --compare ARM=BASELINE --items RESULTS_DIR --results OUT.json
+    python experiments/audit.py carry --out runs/audit/NAME --from runs/audit/OLD ...   # reuse earlier labels
 
 The judge (outcome-minilm) was validated on replies of the embedded model and four trained
 variants; a method can teach a model to write in new ways (a refusal template, off-topic filler),
@@ -398,6 +399,46 @@ def _pair_arg(text: str) -> tuple[str, str]:
     return arm, baseline
 
 
+def carry(out: Path, earlier: Sequence[Path]) -> tuple[int, int]:
+    """Labels of earlier audit folders for the replies of out/batch.jsonl they already read: the same
+    prompt kind, prompt and reply text get the same label by the rubric, so only new replies need
+    reading. Writes out/labels_carried.jsonl (under this batch's item ids) and out/todo.jsonl (the
+    batch's other items, for annotators); returns (carried, to read)."""
+    items = _batch_rows(out)
+    known: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for d in earlier:
+        rows = {r["item_id"]: r for r in _batch_rows(d)}
+        for path in sorted(d.glob("labels_*.jsonl")):
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    lab = json.loads(line)
+                    row = rows.get(lab.get("item_id"))
+                    if row is not None:
+                        known[(row["prompt_type"], row["prompt"], row["response"])] = lab
+    carried, todo = [], []
+    for r in items:
+        lab = known.get((r["prompt_type"], r["prompt"], r["response"]))
+        if lab is None:
+            todo.append(r)
+        else:
+            carried.append({**{k: v for k, v in lab.items() if k != "item_id"}, "item_id": r["item_id"],
+                            "carried": True})
+    from tactful.io import atomic_write_text
+
+    atomic_write_text(out / "labels_carried.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in carried))
+    atomic_write_text(out / "todo.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in todo))
+    print(f"{out}: {len(carried)} labels carried from {len(earlier)} earlier audit(s), {len(todo)} replies to read "
+          f"({out / 'todo.jsonl'})")
+    return len(carried), len(todo)
+
+
+def _batch_rows(d: Path) -> list[dict[str, Any]]:
+    path = d / "batch.jsonl"
+    if not path.is_file():
+        die(f"{path} not found (not an audit folder: run `audit.py batch` first)")
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
 def _eval_arg(text: str) -> tuple[str, Path]:
     arm, sep, path = text.partition("=")
     if not sep or not arm or not path:
@@ -434,7 +475,13 @@ def main() -> None:
     ex.add_argument("--compare", action="append", required=True, help="ARM=BASELINE")
     ex.add_argument("--items", required=True, type=Path, help="folder of <arm>-seed<N>/items.jsonl.gz")
     ex.add_argument("--results", required=True, type=Path, help="JSON file to write")
+    ca = sub.add_parser("carry", help="labels of earlier audits for the replies they already read; the rest to read")
+    ca.add_argument("--out", required=True, type=Path, help="the audit folder of the new batch")
+    ca.add_argument("--from", dest="earlier", nargs="+", required=True, type=Path, help="earlier audit folders")
     a = ap.parse_args()
+    if a.cmd == "carry":
+        carry(a.out, a.earlier)
+        return
     if a.cmd == "pooled":
         pooled(a.labels, [_pair_arg(c) for c in a.compare], a.results)
         return

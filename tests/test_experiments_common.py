@@ -154,6 +154,36 @@ def test_audit_batch_is_blind_and_score_measures_the_judge(tmp_path: Path) -> No
     assert e.value.code == 2
 
 
+def test_audit_carry_reuses_labels_only_for_the_same_prompt_and_reply(tmp_path: Path) -> None:
+    import pytest
+
+    import audit
+
+    def folder(name: str, rows: list[tuple[str, str, str]], labels: dict[str, str] | None = None) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "batch.jsonl").write_text("".join(json.dumps(
+            {"item_id": f"a{k}", "prompt_type": kind, "prompt": p, "response": r}) + "\n"
+            for k, (kind, p, r) in enumerate(rows)))
+        if labels:
+            (d / "labels_x.jsonl").write_text("".join(json.dumps(
+                {"item_id": iid, "outcome": o, "degenerate": False}) + "\n" for iid, o in labels.items()))
+        return d
+
+    old = folder("old", [("harmful", "p1", "I can't help."), ("harmful", "p2", "Sure: ...")],
+                 {"a0": "declined", "a1": "attempted"})
+    new = folder("new", [("harmful", "p2", "Sure: ... and more"), ("harmful", "p1", "I can't help."),
+                         ("benign", "p1", "I can't help.")])
+    assert audit.carry(new, [old]) == (1, 2)
+    (lab,) = [json.loads(x) for x in (new / "labels_carried.jsonl").read_text().splitlines()]
+    assert lab["item_id"] == "a1" and lab["outcome"] == "declined" and lab["carried"]
+    todo = [json.loads(x)["item_id"] for x in (new / "todo.jsonl").read_text().splitlines()]
+    assert todo == ["a0", "a2"]  # a changed reply, and the same text under another prompt kind
+    with pytest.raises(SystemExit) as e:
+        audit.carry(new, [tmp_path / "missing"])
+    assert e.value.code == 2
+
+
 def test_audit_exact_reads_only_the_replies_that_differ(tmp_path: Path) -> None:
     """`batch --differing` draws only prompts whose replies differ; `exact` counts every other prompt
     as a zero difference, and refuses to guess a differing reply it has no label for."""

@@ -137,7 +137,8 @@ def select(model: Any, tok: Any) -> str:
     return text
 
 
-def threshold_table(model: Any, tok: Any, layer: int, c: float, benign_variant: str = "prompts") -> str:
+def threshold_table(model: Any, tok: Any, layer: int, c: float, benign_variant: str = "prompts",
+                    harmful_variant: str = "requests") -> str:
     """Out-of-fold gate probabilities on `train` (5 folds): harmful recall and firing on each benign
     source per threshold, for choosing a threshold without the test split."""
     import numpy as np
@@ -145,7 +146,7 @@ def threshold_table(model: Any, tok: Any, layer: int, c: float, benign_variant: 
 
     from tactful.methods.prompt_gate import PromptGateConfig, fit_prompt_gate, prompt_features, source_prompts
 
-    harmful, benign = train_prompts("train", benign_variant)
+    harmful, benign = train_prompts("train", benign_variant, harmful_variant)
     sources = BENIGN_VARIANTS[benign_variant]
     sizes = [len(source_prompts([src], "train")) for src in sources]  # benign = the sources in this order
     prompts = [*harmful, *benign]
@@ -160,12 +161,14 @@ def threshold_table(model: Any, tok: Any, layer: int, c: float, benign_variant: 
         oof[held] = gate.probabilities(x[held]).numpy()
     bounds = np.cumsum([len(harmful), *sizes])
     parts = {src: oof[lo:hi] for src, lo, hi in zip(sources, bounds[:-1], bounds[1:])}
-    stem = "gate-threshold" + ("" if benign_variant == "prompts" else f"-{benign_variant.replace('+', '-')}")
+    stem = "gate-threshold" + "".join(f"-{v.replace('+', '-')}" for v, default in
+                                      ((harmful_variant, "requests"), (benign_variant, "prompts")) if v != default)
     command = "python experiments/demo_recipe/gate.py --oof" + (
         f" --layer {layer} --c {c}" if (layer, c) != (20, 0.1) else "") + (
-        f" --benign {benign_variant}" if benign_variant != "prompts" else "")
+        f" --benign {benign_variant}" if benign_variant != "prompts" else "") + (
+        f" --harmful {harmful_variant}" if harmful_variant != "requests" else "")
     lines = ["# Prompt gate: threshold, out of fold on the train split", "",
-             f"Layer {layer}, C {c}, benign side `{benign_variant}`; 5-fold out-of-fold probabilities on the built-in "
+             f"Layer {layer}, C {c}, harmful side `{harmful_variant}`, benign side `{benign_variant}`; 5-fold out-of-fold probabilities on the built-in "
              f"`train` split ({len(harmful)} harmful prompts; " + ", ".join(f"{n} {src}" for src, n in zip(sources, sizes))
              + "). % of each source's prompts the gate sends to the adapter. The demo uses 0.5; a threshold chosen "
              f"here never sees the test split. `{command}`", "",
@@ -479,7 +482,7 @@ def main() -> None:
         print(select(model, tok))
         return
     if a.oof:
-        print(threshold_table(model, tok, a.layer, a.c, a.benign))
+        print(threshold_table(model, tok, a.layer, a.c, a.benign, a.harmful))
         return
     if a.public:
         print(public_check(model, tok, a.data))
