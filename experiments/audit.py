@@ -68,15 +68,17 @@ def eval_items(eval_dir: Path) -> list[dict[str, Any]]:
 
 
 def batch(evals: dict[str, Path], out: Path, *, n: int, seed: int = 0, paired: bool = False,
-          kinds: Sequence[str] = tuple(OUTCOMES), exclude: Sequence[Path] = (), differing: bool = False) -> Path:
+          kinds: Sequence[str] = tuple(OUTCOMES), exclude: Sequence[Path] = (), differing: bool = False,
+          suites: Sequence[str] | None = None) -> Path:
     """Write out/batch.jsonl (anonymous, shuffled) and out/key.json. `exclude`: earlier audit
     folders whose prompts are not drawn again (so that a second batch adds new prompts).
-    `differing` (paired only): draw only prompts whose replies are not the same in every arm."""
+    `differing` (paired only): draw only prompts whose replies are not the same in every arm.
+    `suites`: draw only from these suites (e.g. one public benchmark)."""
     rng = random.Random(seed)
     chosen = []
     per_arm = {}
     for arm, d in evals.items():
-        per_arm[arm] = eval_items(d)
+        per_arm[arm] = [it for it in eval_items(d) if suites is None or it["suite"] in suites]
         if not per_arm[arm]:
             die(f"{d}: no evaluated items (give the --out directory of an evaluation)")
     seen = set()
@@ -458,6 +460,7 @@ def main() -> None:
     b.add_argument("--kinds", nargs="+", default=list(OUTCOMES), choices=list(OUTCOMES),
                    help="prompt kinds to draw (default: all three)")
     b.add_argument("--exclude", nargs="+", type=Path, default=[], help="earlier audit folders: draw other prompts")
+    b.add_argument("--suites", nargs="+", choices=list(KINDS), help="draw only from these suites")
     b.add_argument("--differing", action="store_true",
                    help="with --paired: only prompts whose replies differ between the arms (for `exact`)")
     sc = sub.add_parser("score")
@@ -492,7 +495,7 @@ def main() -> None:
         if a.differing and not a.paired:
             die("--differing needs --paired")
         batch(dict(_eval_arg(e) for e in a.eval), a.out, n=a.n, seed=a.seed, paired=a.paired, kinds=a.kinds,
-              exclude=a.exclude, differing=a.differing)
+              exclude=a.exclude, differing=a.differing, suites=a.suites)
     else:
         score(a.out, a.results, compare=[_pair_arg(c) for c in a.compare])
 
