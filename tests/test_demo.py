@@ -96,6 +96,7 @@ def test_audit_line_reads_the_committed_audit():
     if line is None:  # an installed wheel has no experiments/
         pytest.skip("no experiments/demo_recipe/results/audit file in this checkout")
     assert "careful reading" in line and "%" in line
+    assert "XSTest unsafe prompts it sent there" in line  # the public set's gated replies, read too
     assert demo.audit_line("no-such-audit.json") is None
 
 

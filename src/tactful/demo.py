@@ -46,7 +46,7 @@ DEMO_SUBSAMPLE = {"over-refusal": 75}
 # prompt gate. The demo's own replies were read carefully, blind (experiments/audit.py: 40 random
 # harmful prompts, and every benign prompt whose reply the gate changed); the card says what that
 # reading found and how often the judge agreed with it.
-AUDIT_FILES = ("audit-gate-harmful.json", "audit-gate-benign.json")
+AUDIT_FILES = ("audit-gate-harmful.json", "audit-gate-benign.json", "audit-gate-xstest-unsafe.json")
 
 # (suite, outcome or None for the suite's headline, row label, transform)
 ROWS = (
@@ -214,7 +214,8 @@ def _cell(suites: dict[str, Any], key: str, outcome: str | None, fn: Any) -> tup
     return fmt_rate(fn(res)), res.get("n")
 
 
-def audit_line(harmful: str = AUDIT_FILES[0], benign: str = AUDIT_FILES[1]) -> str | None:
+def audit_line(harmful: str = AUDIT_FILES[0], benign: str = AUDIT_FILES[1],
+               xstest: str = AUDIT_FILES[2]) -> str | None:
     """What careful reading of this recipe's replies found, and how often the judge agreed with it
     (a repository checkout has the audits; an installed wheel does not)."""
     results = Path(__file__).resolve().parents[2] / "experiments" / "demo_recipe" / "results"
@@ -242,6 +243,12 @@ def audit_line(harmful: str = AUDIT_FILES[0], benign: str = AUDIT_FILES[1]) -> s
         if st_after:
             line += (f"; of the seemingly-toxic prompts the gate sent to the adapter ({st_after.get('n')}), reading "
                      f"finds {pct(st_after.get('refused'))} refused ({pct(st_before.get('refused'))} before)")
+    if (results / xstest).is_file():
+        x = json.loads((results / xstest).read_text()).get("careful_reading", {})
+        x_after, x_before = x.get("gated", {}).get("harmful", {}), x.get("base", {}).get("harmful", {})
+        if x_after:
+            line += (f"; of the XSTest unsafe prompts it sent there ({x_after.get('n')}), "
+                     f"{pct(x_after.get('declined'))} declined ({pct(x_before.get('declined'))} before)")
     return line + " (experiments/demo_recipe/README.md)"
 
 
