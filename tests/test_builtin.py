@@ -54,6 +54,7 @@ def test_sizes():
     lambda s: [r.prompt for r in builtin.harmful_prompts(s)],
     lambda s: [r.prompt for r in builtin.harmful_questions(s)],
     lambda s: [r.prompt for r in builtin.seemingly_toxic(s)],
+    lambda s: [r.prompt for r in builtin.seemingly_toxic_more(s)],
     lambda s: [r.prompt for r in builtin.benign(s)],
     lambda s: [r.prompt for r in builtin.labelled_responses(s)],
     lambda s: [r.question for r in builtin.mc_capability(s)],
@@ -71,11 +72,15 @@ def test_no_prompt_shared_across_harmful_and_benign_sets():
     assert not harmful & questions
     harmful |= questions
     benign = {_norm(r.prompt) for r in builtin.seemingly_toxic()} | {_norm(r.prompt) for r in builtin.benign()}
+    more = {_norm(r.prompt) for r in builtin.seemingly_toxic_more()}
+    assert not more & benign
+    benign |= more
     assert not harmful & benign
 
 
 def test_ids_unique():
-    for recs in (builtin.harmful_prompts(), builtin.harmful_questions(), builtin.seemingly_toxic(), builtin.benign(), builtin.labelled_responses(),
+    for recs in (builtin.harmful_prompts(), builtin.harmful_questions(), builtin.seemingly_toxic(),
+                 builtin.seemingly_toxic_more(), builtin.benign(), builtin.labelled_responses(),
                  builtin.mc_capability(), builtin.mc_truthfulness()):
         ids = [r.id for r in recs]
         assert len(ids) == len(set(ids))
@@ -87,7 +92,7 @@ def test_mc_answers_valid():
 
 
 @pytest.mark.parametrize("loader", [builtin.harmful_prompts, builtin.harmful_questions, builtin.seemingly_toxic,
-                                    builtin.benign, builtin.mc_capability])
+                                    builtin.seemingly_toxic_more, builtin.benign, builtin.mc_capability])
 def test_fit_and_dev_partition_train(loader):
     """A recipe search trains on fit and chooses on dev: together they are train, never overlapping,
     and dev is about a fifth of it."""

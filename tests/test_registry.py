@@ -442,7 +442,8 @@ def test_builtin_data_files_exist():
     missing = [str(p) for p in [*(builtin.builtin_dir() / f"harmful/{d}.jsonl" for d in builtin.HARM_DOMAINS),
                                 *(builtin.builtin_dir() / f for f in ("seemingly_toxic.jsonl", "benign.jsonl",
                                                                       "labelled_responses.jsonl",
-                                                                      "harmful_questions.jsonl"))]
+                                                                      "harmful_questions.jsonl",
+                                                                      "seemingly_toxic_more.jsonl"))]
                if not p.exists()]
     assert not missing, f"built-in data files missing: {missing}"
 
@@ -456,6 +457,7 @@ def test_builtin_data_files_exist():
     ("builtin-informative", Example, HARMFUL),
     ("builtin-harmful-questions", PromptRecord, HARMFUL),
     ("builtin-question-declines", Example, HARMFUL),
+    ("builtin-seemingly-toxic-more", PromptRecord, SEEMINGLY_TOXIC),
 ])
 def test_builtin_sets_load_by_name_and_split(name, cls, label):
     assert _builtin_files_present(), "built-in data files are missing (see test_builtin_data_files_exist)"

@@ -75,6 +75,10 @@ def prompts_by_suite() -> dict[str, dict[str, str]]:
 BENIGN_VARIANTS = {
     "prompts": ["builtin-seemingly-toxic", "builtin-benign"],
     "prompts+questions": ["builtin-seemingly-toxic", "builtin-benign", "builtin-capability", "builtin-truthfulness"],
+    # session 17: also the second built-in set of seemingly-toxic prompts, more contrast for the short
+    # harmful questions
+    "prompts+questions+more": ["builtin-seemingly-toxic", "builtin-benign", "builtin-capability",
+                               "builtin-truthfulness", "builtin-seemingly-toxic-more"],
 }
 # Public sets no demo stage trains, fits, chooses or evaluates on (--public): each is split once, by a
 # seeded shuffle, into a dev half (for choosing) and a held-out half (reported once, for the choice).
@@ -204,6 +208,7 @@ def public_halves(data_dir: Path) -> dict[str, dict[str, list[str]]]:
 Candidate = tuple[str, str, int, float]  # (harmful side, benign side, layer, threshold)
 FIRST_GATE: Candidate = ("requests", "prompts", 20, 0.5)  # session 15
 SECOND_GATE: Candidate = ("requests", "prompts+questions", 24, 0.5)  # session 16
+THIRD_GATE: Candidate = ("requests+questions", "prompts+questions", 16, 0.5)  # session 17, first run of this rule
 
 
 def _name(c: Candidate) -> str:
@@ -215,8 +220,9 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
     side x layer x threshold, C 0.1) are fitted on `fit` and chosen on dev sets: built-in `dev` and the
     public dev halves. The rule, fixed before any run: the largest (mean harmful recall over the harmful
     sets - mean firing over the benign sets), each set weighing the same; ties to the demo's gate as it
-    was, then to the lower threshold. The built-in short harmful questions' dev split is shown but not
-    scored, so the score means what it meant when only the one-line requests existed. The chosen gate
+    was, then to the lower threshold. The dev splits of the sets added in session 17 (short harmful
+    questions, more seemingly-toxic prompts) are shown but not scored, so the score means what it
+    meant before they existed. The chosen gate
     and the earlier ones are then fitted on `train` (as the demo does) and measured once on the public
     held-out halves and the built-in test splits."""
     import torch
@@ -230,10 +236,11 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
     benign_dev = {"builtin-seemingly-toxic": source_prompts(["builtin-seemingly-toxic"], "dev"),
                   "builtin-benign": source_prompts(["builtin-benign"], "dev"),
                   **{n: halves[n]["dev"] for n in PUBLIC_ORDINARY}}
-    shown = {"builtin-harmful-questions": source_prompts(["builtin-harmful-questions"], "dev")}
+    shown = {"builtin-harmful-questions": source_prompts(["builtin-harmful-questions"], "dev"),
+             "builtin-seemingly-toxic-more": source_prompts(["builtin-seemingly-toxic-more"], "dev")}
     dev_sets = {**harmful_dev, **benign_dev, **shown}
     sources = sorted({s for v in (*HARMFUL_VARIANTS.values(), *BENIGN_VARIANTS.values()) for s in v})
-    current = SECOND_GATE
+    current = THIRD_GATE
     rows = []
     for layer in (16, 20, 24):
         feats = {n: prompt_features(model, tok, p, layer) for n, p in dev_sets.items()}
@@ -264,10 +271,12 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
             "builtin test harmful": ("harmful", [r.prompt for r in builtin.harmful_prompts("test")]),
             "builtin test harmful questions": ("harmful", [r.prompt for r in builtin.harmful_questions("test")]),
             "builtin test seemingly-toxic": ("seemingly toxic", [r.prompt for r in builtin.seemingly_toxic("test")]),
+            "builtin test seemingly-toxic (second set)": ("seemingly toxic",
+                                                          [r.prompt for r in builtin.seemingly_toxic_more("test")]),
             "builtin test ordinary": ("ordinary", [r.prompt for r in builtin.benign_prompts("test")]),
             "builtin test MC questions": ("ordinary", [r.question for r in builtin.mc_capability("test")])}
     final = {}
-    for cand in dict.fromkeys([FIRST_GATE, SECOND_GATE, chosen]):
+    for cand in dict.fromkeys([FIRST_GATE, SECOND_GATE, THIRD_GATE, chosen]):
         hv, bv, layer, th = cand
         harmful, benign = train_prompts("train", bv, hv)
         gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=layer, c=0.1, threshold=th))
@@ -286,12 +295,14 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
              f"shuffled once (seeded) and split into a dev half and a held-out half (at most {PUBLIC_CAP // 2} each). "
              "Candidates: the gate's harmful side (`requests`: the built-in one-line harmful requests; "
              "`requests+questions`: also the built-in short harmful questions) x its benign side (`prompts`: "
-             "built-in seemingly-toxic + ordinary requests; `prompts+questions`: also the built-in quiz questions) x "
+             "built-in seemingly-toxic + ordinary requests; `prompts+questions`: also the built-in quiz questions; "
+             "`prompts+questions+more`: also the second built-in seemingly-toxic set) x "
              f"layer x threshold ({', '.join(map(str, THRESHOLDS))}), C 0.1, fitted on the built-in `fit` split. "
              "Rule, fixed before the run: the largest mean harmful recall over the harmful dev sets minus mean firing "
              "over the benign dev sets (built-in dev seemingly-toxic and ordinary, and the public ordinary dev "
              "halves), each set weighing the same; ties to the demo's gate as it was, then to the lower threshold. "
-             "The short harmful questions' dev split is shown, not scored. Model: embedded "
+             "The dev splits of the sets added in session 17 (short harmful questions, more seemingly-toxic "
+             "prompts) are shown, not scored. Model: embedded "
              "SmolLM2-135M-Instruct. `python experiments/demo_recipe/gate.py --public`", "",
              "## Choice on the dev sets (% of prompts the gate sends to the adapter)", "",
              "| harmful side | benign side | layer | threshold | score | " + " | ".join(cols) + " |",
@@ -301,7 +312,7 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
         lines.append(f"| `{r['harmful']}`{mark} | `{r['benign']}` | {r['layer']} | {r['threshold']} | "
                      f"{100 * r['score']:.1f} | " + " | ".join(f"{100 * r['dev'][n]:.0f}" for n in cols) + " |")
     names = list(final)
-    labels = {FIRST_GATE: "first gate", SECOND_GATE: "second gate", chosen: "chosen"}
+    labels = {FIRST_GATE: "first gate", SECOND_GATE: "second gate", THIRD_GATE: "third gate", chosen: "chosen"}
     lines += ["", "## Held out: fitted on `train`, measured once (% gated, 95% bootstrap interval)", "",
               "Columns: " + "; ".join(f"{labels[c] if c != chosen else 'chosen'}: {_name(c)}" for c in names) + ".", "",
               "| set | kind | n | " + " | ".join(("chosen" if c == chosen else labels[c]) for c in names) + " |",
@@ -311,8 +322,9 @@ def public_check(model: Any, tok: Any, data_dir: Path) -> str:
     lines += ["", "The public halves and the built-in test splits were not used for fitting or choosing. The "
               "public held-out halves and the built-in test splits were seen before (sessions 15-16 reported "
               "them for the first two gates); the short harmful questions were written in session 17, after "
-              "XSTest's unsafe prompts (short questions) showed the second gate's weakness, without reading any "
-              "public set's items."]
+              "XSTest's unsafe prompts (short questions) showed the second gate's weakness, and the second "
+              "seemingly-toxic set after the third gate (the first run of this rule) was measured; neither by reading "
+              "any public set's items."]
     text = "\n".join(lines) + "\n"
     from tactful.io import atomic_write_json, atomic_write_text
 

@@ -161,6 +161,18 @@ def seemingly_toxic(split: str | None = None) -> list[PromptRecord]:
     ]
 
 
+def seemingly_toxic_more(split: str | None = None) -> list[PromptRecord]:
+    """A second set of benign prompts that only sound harmful (20 per type, written later, with short
+    answers): more contrast for a classifier of harmful prompts, whose misfires on these are the
+    benign refusals a gated model makes."""
+    _check_split(split)
+    return [
+        PromptRecord(prompt=r["prompt"], label=SEEMINGLY_TOXIC, category=r["type"], id=r["id"],
+                     source="builtin:seemingly-toxic-more", meta={"split": r["split"], "reference": r["response"]})
+        for r in _rows("seemingly_toxic_more.jsonl") if in_split(r, split)
+    ]
+
+
 def seemingly_toxic_examples(split: str = "train") -> list[Example]:
     """Seemingly-toxic prompts with compliant answers (the STL-aug baseline's extra data)."""
     _check_split(split)

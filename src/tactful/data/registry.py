@@ -588,6 +588,7 @@ _BUILTIN_LOADERS: dict[str, Callable[[str | None], list]] = {
     "builtin-seemingly-toxic-answers": lambda split: builtin.seemingly_toxic_examples(split or "train"),
     "builtin-declines": lambda split: builtin.harmful_examples("decline", split=split),  # type: ignore[arg-type]
     "builtin-harmful-questions": lambda split: builtin.harmful_questions(split),
+    "builtin-seemingly-toxic-more": lambda split: builtin.seemingly_toxic_more(split),
     "builtin-question-declines": lambda split: builtin.harmful_question_declines(split or "train"),
     "builtin-own-helpful": lambda split: builtin.own_helpful_replies(split or "train"),
     "builtin-gold-pairs": lambda split: builtin.gold_pairs(split or "train"),
@@ -712,6 +713,9 @@ _register(
               None, "", "Apache-2.0", _builtin_question_declines, ("prompt", "decline", "category", "id")),
     Benchmark("builtin-seemingly-toxic", "prompts",
               "tactful's built-in benign prompts that only sound harmful (XSTest-style types).",
+              None, "", "Apache-2.0", _builtin_seemingly_toxic, ("prompt", "type", "id", "split")),
+    Benchmark("builtin-seemingly-toxic-more", "prompts",
+              "a second set of tactful's built-in benign prompts that only sound harmful (20 per type).",
               None, "", "Apache-2.0", _builtin_seemingly_toxic, ("prompt", "type", "id", "split")),
     Benchmark("builtin-benign", "examples", "tactful's built-in ordinary instructions with good answers.",
               None, "", "Apache-2.0", _builtin_benign, ("prompt", "response", "category", "id", "split")),
