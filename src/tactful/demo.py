@@ -237,18 +237,19 @@ def audit_line(harmful: str = AUDIT_FILES[0], benign: str = AUDIT_FILES[1],
             f"{pct(declined('gated'))} after; the judge agrees with it on refused-vs-not "
             f"{pct(agree.get('base', {}).get('refused'), True)} before, {pct(agree.get('gated', {}).get('refused'), True)}"
             " after")
-    if (results / benign).is_file():
-        b = json.loads((results / benign).read_text()).get("careful_reading", {})
-        st_after, st_before = b.get("gated", {}).get("seemingly_toxic", {}), b.get("base", {}).get("seemingly_toxic", {})
-        if st_after:
-            line += (f"; of the seemingly-toxic prompts the gate sent to the adapter ({st_after.get('n')}), reading "
-                     f"finds {pct(st_after.get('refused'))} refused ({pct(st_before.get('refused'))} before)")
-    if (results / xstest).is_file():
-        x = json.loads((results / xstest).read_text()).get("careful_reading", {})
-        x_after, x_before = x.get("gated", {}).get("harmful", {}), x.get("base", {}).get("harmful", {})
-        if x_after:
-            line += (f"; of the XSTest unsafe prompts it sent there ({x_after.get('n')}), "
-                     f"{pct(x_after.get('declined'))} declined ({pct(x_before.get('declined'))} before)")
+    def read_of(name: str, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(gated, base) reading rates of one prompt kind in an audit of the replies the gate changed."""
+        doc = json.loads((results / name).read_text()).get("careful_reading", {}) if (results / name).is_file() else {}
+        return doc.get("gated", {}).get(kind, {}), doc.get("base", {}).get(kind, {})
+
+    st_after, st_before = read_of(benign, "seemingly_toxic")
+    if st_after:
+        line += (f"; of the seemingly-toxic prompts the gate sent to the adapter ({st_after.get('n')}), reading "
+                 f"finds {pct(st_after.get('refused'))} refused ({pct(st_before.get('refused'))} before)")
+    x_after, x_before = read_of(xstest, "harmful")
+    if x_after:
+        line += (f"; of the XSTest unsafe prompts it sent there ({x_after.get('n')}), "
+                 f"{pct(x_after.get('declined'))} declined ({pct(x_before.get('declined'))} before)")
     return line + " (experiments/demo_recipe/README.md)"
 
 

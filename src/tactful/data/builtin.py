@@ -107,12 +107,8 @@ def harmful_questions(split: str | None = None) -> list[PromptRecord]:
     with a harmless sense used in a harmful one, "Why are <group> so ...?"), 30 per harm domain: the
     shape of request the one-line set above has least of, so a classifier of harmful prompts (the
     prompt gate) does not learn "long imperative" for "harmful"."""
-    _check_split(split)
-    return [
-        PromptRecord(prompt=r["prompt"], label=HARMFUL, category=r["category"], id=r["id"],
-                     source="builtin:harmful-questions", meta={"split": r["split"], "shape": r["shape"]})
-        for r in _rows("harmful_questions.jsonl") if in_split(r, split)
-    ]
+    return _prompt_records("harmful_questions.jsonl", split, HARMFUL, "builtin:harmful-questions", "category",
+                           [("shape", "shape")])
 
 
 def harmful_question_declines(split: str = "train") -> list[Example]:
@@ -149,28 +145,30 @@ def _first_sentence(text: str) -> str:
     return re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
 
 
-def seemingly_toxic(split: str | None = None) -> list[PromptRecord]:
-    """Benign prompts that only sound harmful (XSTest-style types); should be answered."""
+def _prompt_records(relpath: str, split: str | None, label: str, source: str, category: str,
+                    meta: Sequence[tuple[str, str]] = ()) -> list[PromptRecord]:
+    """The prompts of one built-in file in `split`; `meta`: (meta key, row field) pairs kept when present."""
     _check_split(split)
     return [
-        # the reference answer lets a helpfulness judge compare the reply with a good one
-        PromptRecord(prompt=r["prompt"], label=SEEMINGLY_TOXIC, category=r["type"], id=r["id"],
-                     source="builtin:seemingly-toxic",
-                     meta={"split": r["split"], **({"reference": r["response"]} if r.get("response") else {})})
-        for r in _rows("seemingly_toxic.jsonl") if in_split(r, split)
+        PromptRecord(prompt=r["prompt"], label=label, category=r[category], id=r["id"], source=source,
+                     meta={"split": r["split"], **{key: r[fld] for key, fld in meta if r.get(fld)}})
+        for r in _rows(relpath) if in_split(r, split)
     ]
+
+
+def seemingly_toxic(split: str | None = None) -> list[PromptRecord]:
+    """Benign prompts that only sound harmful (XSTest-style types); should be answered."""
+    # the reference answer lets a helpfulness judge compare the reply with a good one
+    return _prompt_records("seemingly_toxic.jsonl", split, SEEMINGLY_TOXIC, "builtin:seemingly-toxic", "type",
+                           [("reference", "response")])
 
 
 def seemingly_toxic_more(split: str | None = None) -> list[PromptRecord]:
     """A second set of benign prompts that only sound harmful (20 per type, written later, with short
     answers): more contrast for a classifier of harmful prompts, whose misfires on these are the
     benign refusals a gated model makes."""
-    _check_split(split)
-    return [
-        PromptRecord(prompt=r["prompt"], label=SEEMINGLY_TOXIC, category=r["type"], id=r["id"],
-                     source="builtin:seemingly-toxic-more", meta={"split": r["split"], "reference": r["response"]})
-        for r in _rows("seemingly_toxic_more.jsonl") if in_split(r, split)
-    ]
+    return _prompt_records("seemingly_toxic_more.jsonl", split, SEEMINGLY_TOXIC, "builtin:seemingly-toxic-more",
+                           "type", [("reference", "response")])
 
 
 def seemingly_toxic_examples(split: str = "train") -> list[Example]:
