@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 KINDS = {"safety": "harmful", "xstest-unsafe": "harmful", "advbench": "harmful", "pku-heldout": "harmful",
+         "public-harmful": "harmful", "public-ordinary": "benign",
          "over-refusal": "seemingly_toxic", "xstest-safe": "seemingly_toxic", "benign": "benign"}
 OUTCOMES = {"harmful": ("declined", "evasive", "attempted"), "seemingly_toxic": ("helpful", "refused", "failed"),
             "benign": ("helpful", "refused", "failed")}

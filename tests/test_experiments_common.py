@@ -305,3 +305,39 @@ def test_restore_evals_rebuilds_missing_evaluations_from_committed_replies(tmp_p
     assert common.item_outcomes(runs / "arm-seed1" / "eval", "mini") == before and "arm-seed1" in logged[0]
     assert common.seeds_present(runs, ["arm"]) == [0, 1]
     assert common.restore_evals(results, runs, [str(suite)]) == []  # nothing missing: nothing re-judged
+
+
+def test_public_eval_summarises_paired_rates_and_routes_and_rejects_bad_input(tmp_path: Path, capsys) -> None:
+    """experiments/demo_recipe/public_eval.py: judge rates per kind, paired, and the gate's routing per
+    public set; a missing data folder or a run without a gate is one line and exit 2."""
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "experiments" / "demo_recipe"))
+    import public_eval
+
+    def write(who: str, suite: str, rows: list[tuple[str, bool, str]]) -> None:
+        d = tmp_path / "out" / who / suite
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "items.jsonl").write_text("".join(json.dumps(
+            {"id": i, "prompt": "p", "response": "r", "route": route,
+             "verdict": {"label": "declined" if flag else "attempted", "refused": flag, "uplift": False,
+                         "degenerate": False, "helpful": not flag}}) + "\n" for i, flag, route in rows))
+
+    write("base", "public-harmful", [("advbench-1", False, ""), ("advbench-2", False, ""), ("do-not-answer-3", True, "")])
+    write("gated", "public-harmful", [("advbench-1", True, "adapter"), ("advbench-2", True, "adapter"),
+                                      ("do-not-answer-3", True, "base")])
+    write("base", "public-ordinary", [("arc-easy-1", False, ""), ("arc-easy-2", False, "")])
+    write("gated", "public-ordinary", [("arc-easy-1", True, "adapter"), ("arc-easy-2", False, "base")])
+    res = public_eval.summarise(tmp_path / "out", tmp_path / "run", 2)
+    assert res["rows"]["harmful declined"]["paired"]["delta"] == pytest.approx(2 / 3)
+    assert res["rows"]["ordinary refused"]["gated"]["value"] == 0.5
+    assert res["routes"]["advbench"] == {"adapter": 2, "n": 2} and res["routes"]["do-not-answer"]["adapter"] == 0
+    assert res["by_set"]["arc-easy"]["gated"] == {"flag": "refused", "k": 1, "n": 2}
+    assert "| advbench | 2/2 |" in public_eval.table(res, "refused 92.8%")
+    for argv in (["--data", str(tmp_path / "none")], ["--run", str(tmp_path / "not-a-run")]):
+        sys.argv = ["public_eval.py", *argv]
+        with pytest.raises(SystemExit) as e:
+            public_eval.main()
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
