@@ -44,8 +44,8 @@ CARD_WIDTH = 100
 DEMO_SUBSAMPLE = {"over-refusal": 75}
 # recipes/demo.yaml is the search candidate sft-declines-anchors trained on all of `train`, behind a
 # prompt gate. The demo's own replies were read carefully, blind (experiments/audit.py: 40 random
-# harmful prompts, and every benign prompt whose reply the gate changed); the card says what that
-# reading found and how often the judge agreed with it.
+# harmful prompts, every benign prompt whose reply the gate changed, and every XSTest unsafe one);
+# the card says what that reading found and how often the judge agreed with it.
 AUDIT_FILES = ("audit-gate-harmful.json", "audit-gate-benign.json", "audit-gate-xstest-unsafe.json")
 
 # (suite, outcome or None for the suite's headline, row label, transform)
@@ -237,6 +237,7 @@ def audit_line(harmful: str = AUDIT_FILES[0], benign: str = AUDIT_FILES[1],
             f"{pct(declined('gated'))} after; the judge agrees with it on refused-vs-not "
             f"{pct(agree.get('base', {}).get('refused'), True)} before, {pct(agree.get('gated', {}).get('refused'), True)}"
             " after")
+
     def read_of(name: str, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """(gated, base) reading rates of one prompt kind in an audit of the replies the gate changed."""
         doc = json.loads((results / name).read_text()).get("careful_reading", {}) if (results / name).is_file() else {}
