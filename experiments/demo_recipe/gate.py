@@ -477,6 +477,9 @@ def main() -> None:
                     help="choose the benign side and layer on public dev halves, report held-out halves, then stop")
     ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the public benchmark files (--public)")
     a = ap.parse_args()
+    if not 0 < a.threshold < 1:
+        sys.stderr.write(f"error: --threshold must be in (0, 1), got {a.threshold}\n")
+        sys.exit(2)
     if a.public:  # the files first: a missing one fails before the model loads
         missing = [f for f in (*PUBLIC_HARMFUL.values(), *PUBLIC_ORDINARY.values()) if not (a.data / f).is_file()]
         if missing:
@@ -499,9 +502,6 @@ def main() -> None:
     if a.public:
         print(public_check(model, tok, a.data))
         return
-    if not 0 < a.threshold < 1:
-        sys.stderr.write(f"error: --threshold must be in (0, 1), got {a.threshold}\n")
-        sys.exit(2)
     harmful, benign = train_prompts("train", a.benign, a.harmful)
     gate = fit_prompt_gate(model, tok, harmful, benign, PromptGateConfig(layer=a.layer, c=a.c, threshold=a.threshold),
                            source="builtin:train")
