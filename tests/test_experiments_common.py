@@ -341,3 +341,16 @@ def test_public_eval_summarises_paired_rates_and_routes_and_rejects_bad_input(tm
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_check_builtin_overlap_needs_the_public_files(tmp_path: Path, capsys) -> None:
+    import pytest
+
+    import check_builtin_overlap
+
+    sys.argv = ["check_builtin_overlap.py", "builtin-harmful-questions", "--data", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        check_builtin_overlap.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not found" in err and err.count("\n") == 1
