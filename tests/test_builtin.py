@@ -160,3 +160,18 @@ def test_gold_pairs_come_from_careful_reading_of_train_prompts_only():
             assert not gold[p.meta["chosen"]]["degenerate"]
     assert any(p.meta["rejected"] == "stock-refusal" for p in benign)  # benign prompts learn "do not refuse"
     assert [p.id for p in load_records("builtin-gold-pairs", kind="pairs", split="fit")] == [p.id for p in fit]
+
+
+@pytest.mark.parametrize("name, prompts, source", [
+    ("builtin-seemingly-toxic-answers", builtin.seemingly_toxic, "builtin:seemingly-toxic"),
+    ("builtin-seemingly-toxic-more-answers", builtin.seemingly_toxic_more, "builtin:seemingly-toxic-more"),
+])
+def test_seemingly_toxic_answers_are_the_train_prompts_with_their_answers(name, prompts, source):
+    from tactful.data.registry import load_records
+
+    train = load_records(name, kind="examples", split="train")
+    assert [e.prompt for e in train] == [r.prompt for r in prompts("train")]
+    assert all(e.response.strip() and e.source == source and e.label == builtin.SEEMINGLY_TOXIC for e in train)
+    # fit and dev partition train, so a search trains on one and judges on the other
+    fit, dev = (load_records(name, kind="examples", split=s) for s in ("fit", "dev"))
+    assert fit and dev and sorted(e.id for e in fit + dev) == sorted(e.id for e in train)

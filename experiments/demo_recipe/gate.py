@@ -36,12 +36,12 @@ import gzip
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import check_public_suites, pooled_paired, verdict_flag  # noqa: E402
-from search import FINAL_ROWS  # noqa: E402  (experiments/demo_recipe/search.py)
+from search import CANDIDATES, FINAL_ROWS  # noqa: E402  (experiments/demo_recipe/search.py)
 
 RESULTS = HERE / "results"
 PUBLIC = {"xstest-unsafe": HERE / "suites" / "xstest-unsafe.yaml", "xstest-safe": HERE / "suites" / "xstest-safe.yaml"}
@@ -409,11 +409,12 @@ def judge_agreement(arm: str, fires: dict[str, dict[str, bool]]) -> dict[str, An
     return {"aligned": {"refused": agree(gated)}, "base": {"refused": agree([r for r in labels if r["arm"] == "base"])}}
 
 
-def compose(gate_dir: Path, fires: dict[str, dict[str, bool]], meta: dict[str, Any]) -> dict[str, Any]:
+def compose(gate_dir: Path, fires: dict[str, dict[str, bool]], meta: dict[str, Any],
+            arms: Sequence[str] = ARMS) -> dict[str, Any]:
     base = read_items(RESULTS / "final" / "base.jsonl.gz")
     out: dict[str, Any] = {**meta, "gate_fires": {s: {"fired": sum(v.values()), "n": len(v)} for s, v in fires.items()},
                            "arms": {}}
-    for arm in ARMS:
+    for arm in arms:
         seeds = [read_items(RESULTS / "final" / f"{arm}-seed{s}.jsonl.gz") for s in SEEDS]
         systems = {"ungated": seeds, "gated": [gated(base, items, fires) for items in seeds]}
         rows = {}
@@ -426,7 +427,7 @@ def compose(gate_dir: Path, fires: dict[str, dict[str, bool]], meta: dict[str, A
         out["arms"][arm] = {"rows": rows, "reading": reading_estimate(arm, fires),
                             "judge_agreement": judge_agreement(arm, fires)}
     # what the demo's card quotes: the demo runs the first arm behind the gate
-    out["judge_agreement"] = out["arms"][ARMS[0]]["judge_agreement"]
+    out["judge_agreement"] = out["arms"][arms[0]]["judge_agreement"]
     return out
 
 
@@ -476,7 +477,14 @@ def main() -> None:
     ap.add_argument("--public", action="store_true",
                     help="choose the benign side and layer on public dev halves, report held-out halves, then stop")
     ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the public benchmark files (--public)")
+    ap.add_argument("--arms", nargs="+", choices=sorted(CANDIDATES), default=list(ARMS),
+                    help="final arms (search.py --final) to put behind the gate; the first is the demo's")
     a = ap.parse_args()
+    missing = [f"final/{arm}-seed{s}.jsonl.gz" for arm in a.arms for s in SEEDS
+               if not (RESULTS / "final" / f"{arm}-seed{s}.jsonl.gz").is_file()]
+    if missing:
+        sys.stderr.write(f"error: {RESULTS / missing[0]} not found: run search.py --final --arm ARM first\n")
+        sys.exit(2)
     if not 0 < a.threshold < 1:
         sys.stderr.write(f"error: --threshold must be in (0, 1), got {a.threshold}\n")
         sys.exit(2)
@@ -521,8 +529,9 @@ def main() -> None:
                                                                    if (a.layer, a.c) != (20, 0.1) else "")
             + (f" --benign {a.benign}" if a.benign != "prompts" else "")
             + (f" --harmful {a.harmful}" if a.harmful != "requests" else "")
-            + (f" --threshold {a.threshold}" if a.threshold != 0.5 else "")}
-    res = compose(RESULTS, fires, meta)
+            + (f" --threshold {a.threshold}" if a.threshold != 0.5 else "")
+            + (f" --arms {' '.join(a.arms)}" if tuple(a.arms) != ARMS else "")}
+    res = compose(RESULTS, fires, meta, a.arms)
     from tactful.io import atomic_write_json, atomic_write_text
 
     atomic_write_json(RESULTS / "gate.json", res)

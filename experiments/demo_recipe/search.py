@@ -99,6 +99,23 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
                                           "training.max_steps=40", "training.learning_rate=5.0e-4"],
                              "one-sentence declines with every benign anchor: the model's own helpful replies, the "
                              "built-in ordinary answers and seemingly-toxic answers"),
+    # Behind the prompt gate the adapter sees only what the gate calls harmful, and it refused every
+    # benign prompt the gate sent it (experiments/demo_recipe/README.md): more seemingly-toxic answers
+    # are the contrast it lacks.
+    "sft-declines-hard-anchors": ("sft.yaml", ["data.benign=[builtin-own-helpful, builtin-benign]",
+                                               "data.refusals=[builtin-declines]",
+                                               "data.extra=[builtin-seemingly-toxic-answers, "
+                                               "builtin-seemingly-toxic-more-answers]", "data.split={split}", *FAST,
+                                               "training.max_steps=40", "training.learning_rate=5.0e-4"],
+                                  "as sft-declines-anchors with the second seemingly-toxic set's answers too"),
+    "sft-declines-questions-hard-anchors": ("sft.yaml", ["data.benign=[builtin-own-helpful, builtin-benign]",
+                                                         "data.refusals=[builtin-declines, builtin-question-declines]",
+                                                         "data.extra=[builtin-seemingly-toxic-answers, "
+                                                         "builtin-seemingly-toxic-more-answers]", "data.split={split}",
+                                                         *FAST, "training.max_steps=40",
+                                                         "training.learning_rate=5.0e-4"],
+                                            "as sft-declines-hard-anchors with declines of the short harmful "
+                                            "questions too"),
     # DPO on pairs careful reading labelled (builtin-gold-pairs: declined > attempted or filler on harmful
     # prompts, helpful > refused or failed on benign ones), after the demo's SFT or alone. Search only:
     # start_from names the search's own SFT run (run `--candidates sft-own-lr5e-4` first).
@@ -197,9 +214,9 @@ def save_items(eval_dir: Path, dest: Path, *, arm: str, seed: int) -> None:
     if rows:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")  # several processes may share a results folder
-        with gzip.open(tmp, "wt", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        # no file name or time in the gzip header: the same replies give the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            gz.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
         tmp.replace(dest)
 
 

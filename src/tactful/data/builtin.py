@@ -171,13 +171,16 @@ def seemingly_toxic_more(split: str | None = None) -> list[PromptRecord]:
                            "type", [("reference", "response")])
 
 
-def seemingly_toxic_examples(split: str = "train") -> list[Example]:
-    """Seemingly-toxic prompts with compliant answers (the STL-aug baseline's extra data)."""
+def seemingly_toxic_examples(split: str = "train", more: bool = False) -> list[Example]:
+    """Seemingly-toxic prompts with compliant answers (the STL-aug baseline's extra data); `more`: the
+    second set's (seemingly_toxic_more.jsonl)."""
     _check_split(split)
+    relpath, source = (("seemingly_toxic_more.jsonl", "builtin:seemingly-toxic-more") if more
+                       else ("seemingly_toxic.jsonl", "builtin:seemingly-toxic"))
     return [
         Example(prompt=r["prompt"], response=r["response"], label=SEEMINGLY_TOXIC, category=r["type"],
-                id=r["id"], source="builtin:seemingly-toxic", meta={"split": r["split"]})
-        for r in _rows("seemingly_toxic.jsonl") if in_split(r, split) and r.get("response")
+                id=r["id"], source=source, meta={"split": r["split"]})
+        for r in _rows(relpath) if in_split(r, split) and r.get("response")
     ]
 
 

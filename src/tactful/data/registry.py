@@ -589,6 +589,7 @@ _BUILTIN_LOADERS: dict[str, Callable[[str | None], list]] = {
     "builtin-declines": lambda split: builtin.harmful_examples("decline", split=split),  # type: ignore[arg-type]
     "builtin-harmful-questions": lambda split: builtin.harmful_questions(split),
     "builtin-seemingly-toxic-more": lambda split: builtin.seemingly_toxic_more(split),
+    "builtin-seemingly-toxic-more-answers": lambda split: builtin.seemingly_toxic_examples(split or "train", more=True),
     "builtin-question-declines": lambda split: builtin.harmful_question_declines(split or "train"),
     "builtin-own-helpful": lambda split: builtin.own_helpful_replies(split or "train"),
     "builtin-gold-pairs": lambda split: builtin.gold_pairs(split or "train"),
@@ -717,6 +718,9 @@ _register(
     Benchmark("builtin-seemingly-toxic-more", "prompts",
               "a second set of tactful's built-in benign prompts that only sound harmful (20 per type).",
               None, "", "Apache-2.0", _builtin_seemingly_toxic, ("prompt", "type", "id", "split")),
+    Benchmark("builtin-seemingly-toxic-more-answers", "examples",
+              "the second set of built-in seemingly-toxic prompts with short compliant answers.",
+              None, "", "Apache-2.0", _builtin_seemingly_toxic_answers, ("prompt", "response", "type", "id")),
     Benchmark("builtin-benign", "examples", "tactful's built-in ordinary instructions with good answers.",
               None, "", "Apache-2.0", _builtin_benign, ("prompt", "response", "category", "id", "split")),
     Benchmark("builtin-labelled", "labelled",
