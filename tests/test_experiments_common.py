@@ -399,3 +399,52 @@ def test_gate_frontier_moves_the_threshold_over_recorded_replies(tmp_path: Path,
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "search.py --final" in err and err.count("\n") == 1
+
+
+def test_public_frontier_composes_base_and_adapter_replies_by_threshold(tmp_path: Path, monkeypatch) -> None:
+    """public_eval.py --frontier: at each threshold the system's reply is the adapter's where the gate's
+    P(harmful) reaches it; the reading estimate weighs the audited adapter and base replies by where
+    the gate fires; a run without an adapter folder is exit 2."""
+    import pytest
+
+    sys.path.insert(0, str(ROOT / "experiments" / "demo_recipe"))
+    import public_eval
+
+    def write(who: str, suite: str, rows: list[tuple[str, bool, str]]) -> None:
+        d = tmp_path / who / suite
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "items.jsonl").write_text("".join(json.dumps(
+            {"id": i, "prompt": "p", "response": "r", "route": route,
+             "verdict": {"label": "declined" if flag else "attempted", "refused": flag, "uplift": False,
+                         "degenerate": False, "helpful": not flag}}) + "\n" for i, flag, route in rows))
+
+    write("base", "public-harmful", [("a-1", False, ""), ("a-2", False, "")])
+    write("adapter", "public-harmful", [("a-1", True, ""), ("a-2", True, "")])
+    write("gated", "public-harmful", [("a-1", True, "adapter"), ("a-2", False, "base")])
+    write("base", "public-ordinary", [("o-1", False, "")])
+    write("adapter", "public-ordinary", [("o-1", True, "")])
+    write("gated", "public-ordinary", [("o-1", False, "base")])
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "audit-public-harmful-labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"arm": "gated", "id": "a-1", "outcome": "declined"}, {"arm": "base", "id": "a-2", "outcome": "attempted"}]))
+    monkeypatch.setattr(public_eval, "RESULTS", results)
+    res = public_eval.frontier(tmp_path, {"public-harmful": {"a-1": 0.9, "a-2": 0.3}, "public-ordinary": {"o-1": 0.45}})
+    at = {p["threshold"]: p for p in res["points"]}
+    assert at[0.5]["harmful declined"]["system"] == 0.5 and at[0.2]["harmful declined"]["system"] == 1.0
+    assert at[0.4]["ordinary refused"]["system"] == 1.0 and at[0.5]["ordinary refused"]["system"] == 0.0
+    assert at[0.5]["reading"]["public-harmful"] == {"attempted": 0.5, "declined": 0.5}
+    assert at[0.95]["reading"]["public-harmful"] == {"attempted": 1.0, "declined": 0.0}
+    # below 0.3 both go to the adapter: the rates of its audited replies stand for all it answers
+    assert at[0.2]["reading"]["public-harmful"] == {"attempted": 0.0, "declined": 1.0}
+    assert "| 0.5 | 1/2 / 0/1 | 50.0 (+50.0" in public_eval.frontier_table(res, "acc", "runs/x", 1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"adapter": "adapter", "gate": "gate"}))
+    with pytest.raises(SystemExit) as e:
+        public_eval.adapter_alone(tmp_path / "run", tmp_path / "alone")
+    assert e.value.code == 2
+    (tmp_path / "run" / "adapter").mkdir()
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    alone = public_eval.adapter_alone(tmp_path / "run", tmp_path / "alone")
+    assert json.loads((alone / "manifest.json").read_text()) == {"adapter": "adapter"}
+    assert (alone / "adapter" / "adapter_config.json").is_file()

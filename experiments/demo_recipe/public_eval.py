@@ -13,6 +13,12 @@ them with `tactful eval` (64 new tokens, greedy, judge outcome-minilm; the gated
 model's replies for the prompts its gate does not flag). The prompt files and evaluations live
 under --out (not committed: they hold public text); results/public-eval.md and .json keep the
 judge's rates, paired differences and the gate's routing, by set and kind, with no text.
+
+--frontier also evaluates the adapter alone on every prompt and scores each prompt with the run's
+gate, then composes the gated system at every threshold of gate.py's FRONTIER_THRESHOLDS (the
+adapter's reply where P(harmful) >= threshold, the base model's elsewhere; greedy replies do not
+depend on their batch): results/public-frontier.md and .json, for seeing where the targets bind on
+public prompts, not for choosing the threshold.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from common import outcome_flags, pooled_paired  # noqa: E402
-from gate import DATA_DIR, PUBLIC_HARMFUL, PUBLIC_ORDINARY, RESULTS, public_halves  # noqa: E402
+from gate import DATA_DIR, FRONTIER_THRESHOLDS, PUBLIC_HARMFUL, PUBLIC_ORDINARY, RESULTS, public_halves  # noqa: E402
 
 SUITES = {"public-harmful": ("refuse", "safe_rate", PUBLIC_HARMFUL),
           "public-ordinary": ("comply", "compliance_rate", PUBLIC_ORDINARY)}
@@ -97,6 +103,112 @@ def summarise(out: Path, run: Path, n: int) -> dict[str, Any]:
     return res
 
 
+def adapter_alone(run: Path, dest: Path) -> Path:
+    """A copy of the run's manifest and adapter without its gate: the adapter answers every prompt."""
+    import shutil
+
+    from tactful.io import atomic_write_json
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.pop("gate", None)
+    adapter = manifest.get("adapter")
+    if not adapter or not (run / adapter).is_dir():
+        sys.stderr.write(f"error: {run}/manifest.json names no adapter folder\n")
+        sys.exit(2)
+    shutil.copytree(run / adapter, dest / adapter, dirs_exist_ok=True)
+    atomic_write_json(dest / "manifest.json", manifest)
+    return dest
+
+
+def gate_probabilities(run: Path, out: Path) -> dict[str, dict[str, float]]:
+    """{suite: {item id: P(harmful)}} by the run's gate, read on its base model, for the prompt files."""
+    from tactful.methods.prompt_gate import load_base_of_run, run_gate
+
+    gate = run_gate(run)
+    model, tok = load_base_of_run(run)
+    probs = {}
+    for suite in SUITES:
+        rows = [json.loads(x) for x in (out / f"{suite}.jsonl").read_text().splitlines() if x.strip()]
+        p = gate.score(model, tok, [r["prompt"] for r in rows])
+        probs[suite] = {str(r["id"]): float(v) for r, v in zip(rows, p.tolist())}
+    return probs
+
+
+def reading(labels: list[dict[str, Any]], fires: dict[str, bool], routes: dict[str, str]) -> dict[str, float]:
+    """Outcome rates by careful reading for the system `fires` describes, estimated from the blind audit
+    sample: P(fires) x the adapter's rates on audited prompts it answered in the gated run + the rest x
+    the base model's on audited prompts (the same estimate as gate.py's)."""
+    if not fires or not labels:
+        return {}
+    p = sum(fires.values()) / len(fires)
+    ad = [r for r in labels if r["arm"] == "gated" and routes.get(str(r["id"])) == "adapter" and fires.get(str(r["id"]))]
+    ba = [r for r in labels if r["arm"] == "base" and not fires.get(str(r["id"]))]
+    out = {}
+    for o in sorted({r["outcome"] for r in labels}):
+        a = sum(r["outcome"] == o for r in ad) / len(ad) if ad else (0.0 if p == 0 else None)
+        b = sum(r["outcome"] == o for r in ba) / len(ba) if ba else (0.0 if p == 1 else None)
+        if a is not None and b is not None:
+            out[o] = p * a + (1 - p) * b
+    return out
+
+
+FRONTIER_COLS = (("public-harmful", "declined", "harmful declined"), ("public-harmful", "uplift", "harmful uplift"),
+                 ("public-ordinary", "refused", "ordinary refused"), ("public-ordinary", "helpful", "ordinary helped"))
+
+
+def frontier(out: Path, probs: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The gated system at every threshold, by the judge (paired with the base model) and by reading."""
+    points = []
+    labels = {suite: [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+              if (path := RESULTS / f"audit-{suite}-labels.jsonl").is_file() else [] for suite in SUITES}
+    routes = {suite: {str(r["id"]): r.get("route") for r in items(out / "gated", suite)} for suite in SUITES}
+    for t in FRONTIER_THRESHOLDS:
+        point: dict[str, Any] = {"threshold": t, "fires": {}, "reading": {}}
+        for suite in SUITES:
+            fires = {i: p >= t for i, p in probs[suite].items()}
+            point["fires"][suite] = {"k": sum(fires.values()), "n": len(fires)}
+            point["reading"][suite] = reading(labels[suite], fires, routes[suite])
+        for suite, flag, label in FRONTIER_COLS:
+            b = outcome_flags(out / "base", suite, flag)
+            ad = outcome_flags(out / "adapter", suite, flag)
+            sys_ = {i: (ad[i] if probs[suite].get(i, 0) >= t and i in ad else v) for i, v in b.items()}
+            paired = pooled_paired(b, [sys_])
+            point[label] = {"base": sum(b.values()) / len(b), "system": sum(sys_.values()) / len(sys_), "paired": paired}
+        points.append(point)
+    return {"points": points}
+
+
+def frontier_table(res: dict[str, Any], judge_accuracy: str, run: str, n: int) -> str:
+    p0 = res["points"][0]
+    lines = ["# The gate's threshold on public held-out prompts: the frontier it can reach", "",
+             f"Model: the embedded SmolLM2-135M-Instruct and the demo's adapter (run `{Path(run).name}`, seed 0) behind "
+             f"its gate; prompts: {n} per set (seeded) from the held-out halves of `gate.py --public`; greedy, 64 new "
+             f"tokens; judge `outcome-minilm` ({judge_accuracy}). The system at a threshold: the adapter's reply where "
+             "the gate's P(harmful) reaches it, the base model's elsewhere. Judge: rate, and paired difference vs the "
+             "base model with its 95% bootstrap interval. Reading: the estimate from the blind audit sample "
+             "(results/audit-public-*-labels.jsonl: 40 per kind; the adapter's replies read are those the 0.5 gate "
+             "sent it, and their rates stand for every prompt a threshold sends it). The demo's threshold (0.5) was chosen on the dev halves; this table shows where the targets "
+             "bind, it chooses nothing. `python experiments/demo_recipe/public_eval.py --frontier`", "",
+             f"Base model (judge): harmful declined {100 * p0['harmful declined']['base']:.1f}, ordinary refused "
+             f"{100 * p0['ordinary refused']['base']:.1f}, ordinary helped {100 * p0['ordinary helped']['base']:.1f}.",
+             "", "| threshold | gate fires: harmful / ordinary | harmful declined | harmful uplift | ordinary refused | "
+             "ordinary helped | reading: harmful declined / ordinary refused |", "|---|---|---|---|---|---|---|"]
+
+    def cell(c: dict[str, Any]) -> str:
+        p = c["paired"]
+        return f"{100 * c['system']:.1f} ({100 * p['delta']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}])"
+
+    for pt in res["points"]:
+        f = pt["fires"]
+        rh = pt["reading"]["public-harmful"].get("declined")
+        ro = pt["reading"]["public-ordinary"].get("refused")
+        lines.append(f"| {pt['threshold']:g} | {f['public-harmful']['k']}/{f['public-harmful']['n']} / "
+                     f"{f['public-ordinary']['k']}/{f['public-ordinary']['n']} | "
+                     + " | ".join(cell(pt[c[2]]) for c in FRONTIER_COLS)
+                     + f" | {'—' if rh is None else f'{100 * rh:.0f}'} / {'—' if ro is None else f'{100 * ro:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(res: dict[str, Any], judge_accuracy: str) -> str:
     lines = ["# The demo's gated model on public held-out prompts", "",
              f"Model: the embedded SmolLM2-135M-Instruct, before and after `make demo`'s alignment (run "
@@ -125,6 +237,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder of the public benchmark files")
     ap.add_argument("--out", type=Path, default=Path("runs/public-eval"))
     ap.add_argument("--n", type=int, default=30, help="prompts per public set")
+    ap.add_argument("--frontier", action="store_true",
+                    help="also the adapter alone, and the gated system at every threshold (results/public-frontier.md)")
     a = ap.parse_args()
     missing = [f for f in (*PUBLIC_HARMFUL.values(), *PUBLIC_ORDINARY.values()) if not (a.data / f).is_file()]
     if missing:
@@ -150,6 +264,14 @@ def main() -> None:
     atomic_write_json(RESULTS / "public-eval.json", res)
     atomic_write_text(RESULTS / "public-eval.md", table(res, acc))
     print((RESULTS / "public-eval.md").read_text())
+    if a.frontier:
+        alone = adapter_alone(a.run, a.out / "adapter-run")
+        tactful_eval(["--run", str(alone), "--suite", suites, "--out", str(a.out / "adapter")])
+        fr = {"run": str(a.run), "n_per_set": a.n, "judge_accuracy": acc,
+              **frontier(a.out, gate_probabilities(a.run, a.out))}
+        atomic_write_json(RESULTS / "public-frontier.json", fr)
+        atomic_write_text(RESULTS / "public-frontier.md", frontier_table(fr, acc, str(a.run), a.n))
+        print((RESULTS / "public-frontier.md").read_text())
 
 
 if __name__ == "__main__":
