@@ -6,6 +6,9 @@
     python experiments/demo_recipe/gate.py --layer L --benign B --harmful H --threshold T
                                                         # a gate fitted on `train`: compose the final
                                                         # arms, report (the demo's: recipes/demo.yaml)
+    python experiments/demo_recipe/gate.py ... --frontier
+                                                        # that gate at every threshold on held-out prompts:
+                                                        # where the targets bind (chooses nothing)
 
 The binding constraint of the recipe search is benign refusal: the adapter that declines 98% of
 harmful requests (`sft-declines-anchors`) also refuses most seemingly-toxic ones. A gate
@@ -26,7 +29,8 @@ by how often the gate fires on that kind.
 
 Writes results/gate.json and results/gate.md (results/gate-selection.md with --select,
 results/gate-threshold[-BENIGN].md with --oof, results/gate-public.md and .json with --public: the public
-files are read from --data, ../shared/data by default, and only counts are written).
+files are read from --data, ../shared/data by default, and only counts are written; results/gate-frontier.md
+and .json with --frontier).
 """
 
 from __future__ import annotations
