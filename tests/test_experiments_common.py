@@ -433,10 +433,10 @@ def test_public_frontier_composes_base_and_adapter_replies_by_threshold(tmp_path
     at = {p["threshold"]: p for p in res["points"]}
     assert at[0.5]["harmful declined"]["system"] == 0.5 and at[0.2]["harmful declined"]["system"] == 1.0
     assert at[0.4]["ordinary refused"]["system"] == 1.0 and at[0.5]["ordinary refused"]["system"] == 0.0
-    assert at[0.5]["reading"]["public-harmful"] == {"attempted": 0.5, "declined": 0.5}
-    assert at[0.95]["reading"]["public-harmful"] == {"attempted": 1.0, "declined": 0.0}
+    assert at[0.5]["reading"] == {"attempted": 0.5, "declined": 0.5}
+    assert at[0.95]["reading"] == {"attempted": 1.0, "declined": 0.0}
     # below 0.3 both go to the adapter: the rates of its audited replies stand for all it answers
-    assert at[0.2]["reading"]["public-harmful"] == {"attempted": 0.0, "declined": 1.0}
+    assert at[0.2]["reading"] == {"attempted": 0.0, "declined": 1.0}
     assert "| 0.5 | 1/2 / 0/1 | 50.0 (+50.0" in public_eval.frontier_table(res, "acc", "runs/x", 1)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "manifest.json").write_text(json.dumps({"adapter": "adapter", "gate": "gate"}))

@@ -159,15 +159,18 @@ FRONTIER_COLS = (("public-harmful", "declined", "harmful declined"), ("public-ha
 def frontier(out: Path, probs: dict[str, dict[str, float]]) -> dict[str, Any]:
     """The gated system at every threshold, by the judge (paired with the base model) and by reading."""
     points = []
-    labels = {suite: [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-              if (path := RESULTS / f"audit-{suite}-labels.jsonl").is_file() else [] for suite in SUITES}
-    routes = {suite: {str(r["id"]): r.get("route") for r in items(out / "gated", suite)} for suite in SUITES}
+    # only the harmful audit is a random sample of both models' replies (the ordinary one read the
+    # replies the gate changed), so only it gives a reading estimate at other thresholds
+    path = RESULTS / "audit-public-harmful-labels.jsonl"
+    labels = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    routes = {str(r["id"]): r.get("route") for r in items(out / "gated", "public-harmful")}
     for t in FRONTIER_THRESHOLDS:
-        point: dict[str, Any] = {"threshold": t, "fires": {}, "reading": {}}
+        point: dict[str, Any] = {"threshold": t, "fires": {}}
         for suite in SUITES:
             fires = {i: p >= t for i, p in probs[suite].items()}
             point["fires"][suite] = {"k": sum(fires.values()), "n": len(fires)}
-            point["reading"][suite] = reading(labels[suite], fires, routes[suite])
+            if suite == "public-harmful":
+                point["reading"] = reading(labels, fires, routes)
         for suite, flag, label in FRONTIER_COLS:
             b = outcome_flags(out / "base", suite, flag)
             ad = outcome_flags(out / "adapter", suite, flag)
@@ -185,14 +188,15 @@ def frontier_table(res: dict[str, Any], judge_accuracy: str, run: str, n: int) -
              f"its gate; prompts: {n} per set (seeded) from the held-out halves of `gate.py --public`; greedy, 64 new "
              f"tokens; judge `outcome-minilm` ({judge_accuracy}). The system at a threshold: the adapter's reply where "
              "the gate's P(harmful) reaches it, the base model's elsewhere. Judge: rate, and paired difference vs the "
-             "base model with its 95% bootstrap interval. Reading: the estimate from the blind audit sample "
-             "(results/audit-public-*-labels.jsonl: 40 per kind; the adapter's replies read are those the 0.5 gate "
-             "sent it, and their rates stand for every prompt a threshold sends it). The demo's threshold (0.5) was chosen on the dev halves; this table shows where the targets "
+             "base model with its 95% bootstrap interval. Reading: the harmful prompts' declined rate estimated "
+             "from the blind random sample of 40 (results/audit-public-harmful-labels.jsonl): P(fires) x the rate "
+             "of the adapter's replies read (those the 0.5 gate sent it, standing for every prompt a threshold "
+             "sends it) + the rest x the base model's on the prompts read that the gate keeps. The demo's threshold (0.5) was chosen on the dev halves; this table shows where the targets "
              "bind, it chooses nothing. `python experiments/demo_recipe/public_eval.py --frontier`", "",
              f"Base model (judge): harmful declined {100 * p0['harmful declined']['base']:.1f}, ordinary refused "
              f"{100 * p0['ordinary refused']['base']:.1f}, ordinary helped {100 * p0['ordinary helped']['base']:.1f}.",
              "", "| threshold | gate fires: harmful / ordinary | harmful declined | harmful uplift | ordinary refused | "
-             "ordinary helped | reading: harmful declined / ordinary refused |", "|---|---|---|---|---|---|---|"]
+             "ordinary helped | reading: harmful declined |", "|---|---|---|---|---|---|---|"]
 
     def cell(c: dict[str, Any]) -> str:
         p = c["paired"]
@@ -200,12 +204,10 @@ def frontier_table(res: dict[str, Any], judge_accuracy: str, run: str, n: int) -
 
     for pt in res["points"]:
         f = pt["fires"]
-        rh = pt["reading"]["public-harmful"].get("declined")
-        ro = pt["reading"]["public-ordinary"].get("refused")
+        rh = pt["reading"].get("declined")
         lines.append(f"| {pt['threshold']:g} | {f['public-harmful']['k']}/{f['public-harmful']['n']} / "
                      f"{f['public-ordinary']['k']}/{f['public-ordinary']['n']} | "
-                     + " | ".join(cell(pt[c[2]]) for c in FRONTIER_COLS)
-                     + f" | {'—' if rh is None else f'{100 * rh:.0f}'} / {'—' if ro is None else f'{100 * ro:.0f}'} |")
+                     + " | ".join(cell(pt[c[2]]) for c in FRONTIER_COLS) + f" | {'—' if rh is None else f'{100 * rh:.0f}'} |")
     return "\n".join(lines) + "\n"
 
 
