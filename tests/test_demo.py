@@ -49,11 +49,15 @@ def test_base_replies_cached_by_key_and_reused(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "base-evals").glob("*.tmp*"))  # stored atomically
 
 
-def test_cache_key_changes_with_suites_and_limit():
+def test_cache_key_changes_with_suites_limit_and_packed_linear(monkeypatch):
+    monkeypatch.delenv("TACTFUL_PACKED_LINEAR", raising=False)
     k = demo.base_eval_key(["safety", "capability"], 4)
     assert k == demo.base_eval_key(["safety", "capability"], 4)
     assert k != demo.base_eval_key(["safety", "capability"], 5)
     assert k != demo.base_eval_key(["benign", "capability"], 4)
+    # packed weights round differently: their replies are not the default path's
+    monkeypatch.setenv("TACTFUL_PACKED_LINEAR", "1")
+    assert k != demo.base_eval_key(["safety", "capability"], 4)
 
 
 def test_public_benchmark_found_and_its_suites_load(tmp_path, monkeypatch):

@@ -156,6 +156,8 @@ def base_eval_key(suites: list[str], limit: int | None) -> str:
         suite = load_suite(s)
         recs = [] if suite.expected == "multiple-choice" else load_suite_records(suite, limit=limit)
         parts.append([suite.name, suite.expected, suite.generation, [r.prompt for r in recs]])
+    if os.environ.get("TACTFUL_PACKED_LINEAR") == "1":  # rounds differently (tactful.packed_linear)
+        parts.append("packed-linear")
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
