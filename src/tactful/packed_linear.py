@@ -1,13 +1,15 @@
 """Linear layers with pre-packed weights for CPU decoding (oneDNN).
 
 A decode step multiplies a few dozen rows by every weight matrix of the model. `F.linear` hands
-each call to MKL's sgemm, which re-lays the weight out for its kernel on every call; at 32-64 rows
-that costs as much as the multiply itself (the LM head: ~50 GFLOP/s of the ~95 a large matmul
-reaches on one AVX2 thread). oneDNN can lay each weight out once, ahead of time, and then runs the
-same products at ~95-105 GFLOP/s (benchmarks/bench_generation.py). Results agree with
-`F.linear` to float32 rounding, not bit for bit, so greedy replies can differ where two tokens
-tie to the last bits: it is opt-in (`HFGenerator(packed_linear=True)`, or TACTFUL_PACKED_LINEAR=1
-in the environment of any tactful command), off where recorded replies must reproduce.
+each call to MKL's sgemm, which lays the weight out for its kernel on every call; at 32-64 rows
+the products then run at about half the rate of a large matmul (the LM head, 49152 x 576, at ~50
+GFLOP/s on one thread). oneDNN can lay each weight out once, ahead of time, and then runs the same
+products at ~95-105 GFLOP/s: 1.25-1.30x generated tokens/s (benchmarks/README.md). The cost: one
+packed copy of every weight while generating (the model's size again) and the packing itself,
+once per `generate` call. Results agree with `F.linear` to float32 rounding, not bit for bit, so
+greedy replies can differ where two tokens tie to the last bits: it is opt-in
+(`HFGenerator(packed_linear=True)`, or TACTFUL_PACKED_LINEAR=1 in the environment of any tactful
+command), off where recorded replies must reproduce.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ one-prompt-at-a-time `model.generate` loop (about 8x faster on 2 CPU cores).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
