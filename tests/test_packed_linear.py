@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -63,3 +65,16 @@ def test_generator_packs_only_while_generating_and_reads_the_environment(tiny, m
     assert HFGenerator(model, tok).packed_linear is True
     monkeypatch.setenv("TACTFUL_PACKED_LINEAR", "0")
     assert HFGenerator(model, tok).packed_linear is False
+
+
+def test_on_unless_asked_off_sets_the_switch_only_for_its_block(monkeypatch):
+    from tactful.packed_linear import ENV, on_unless_asked_off
+
+    monkeypatch.delenv(ENV, raising=False)
+    with on_unless_asked_off() as on:
+        assert on and os.environ[ENV] == "1"
+    assert ENV not in os.environ
+    monkeypatch.setenv(ENV, "0")  # the user said no: the demo keeps the default path
+    with on_unless_asked_off() as on:
+        assert not on and os.environ[ENV] == "0"
+    assert os.environ[ENV] == "0"

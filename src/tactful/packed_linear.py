@@ -9,12 +9,14 @@ packed copy of every weight while generating (the model's size again) and the pa
 once per `generate` call. Results agree with `F.linear` to float32 rounding, not bit for bit, so
 greedy replies can differ where two tokens tie to the last bits: it is opt-in
 (`HFGenerator(packed_linear=True)`, or TACTFUL_PACKED_LINEAR=1 in the environment of any tactful
-command), off where recorded replies must reproduce.
+command), off where recorded replies must reproduce. `tactful demo` turns it on (its card came out
+the same to the digit with and without it; TACTFUL_PACKED_LINEAR=0 turns it off there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -59,3 +61,21 @@ def packed_linears(model: Any, rows: int = 32) -> Iterator[int]:
     finally:
         for m in patched:
             del m.forward
+
+
+ENV = "TACTFUL_PACKED_LINEAR"
+
+
+@contextlib.contextmanager
+def on_unless_asked_off() -> Iterator[bool]:
+    """Within the block, generators made without an explicit `packed_linear` pack their weights,
+    unless the environment already says TACTFUL_PACKED_LINEAR=0 (or anything else); afterwards the
+    environment is as it was. Yields whether packing is on."""
+    before = os.environ.get(ENV)
+    if before is None:
+        os.environ[ENV] = "1"
+    try:
+        yield os.environ[ENV] == "1"
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)

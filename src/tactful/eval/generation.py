@@ -165,7 +165,9 @@ class HFGenerator:
         self.model = model
         self.workers = workers
         if packed_linear is None:
-            packed_linear = os.environ.get("TACTFUL_PACKED_LINEAR", "") == "1"
+            from tactful.packed_linear import ENV
+
+            packed_linear = os.environ.get(ENV, "") == "1"
         self.packed_linear = packed_linear
         self.tokenizer = tokenizer
         self.name = name
